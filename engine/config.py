@@ -1,0 +1,174 @@
+"""Configs: YAML files over typed defaults, with dotted ``key=value`` overrides.
+
+A config has the sections below.  ``model`` keys come from the architecture's own
+``DEFAULTS`` (``models.architectures``); every other section from ``DEFAULTS`` here.
+Unknown keys, values of the wrong type and values outside a key's choices are
+one-line :class:`FlowlabError`\\ s.  The resolved config (every key, defaults
+filled in) is what a run directory and its checkpoints carry.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import yaml
+
+from engine.errors import FlowlabError
+from models.architectures import ARCHITECTURES, architecture
+
+DEFAULTS = {
+    "data": {
+        "name": "cifar10",       # cifar10 | npz | mnist | fashion_mnist
+        "root": "datasets",      # where torchvision data lives / downloads to
+        "path": None,            # the .npz file for name=npz
+        "download": True,
+        "n_bits": 8,
+        "hflip": False,          # random horizontal flips (train split only)
+        "translate": 0.0,        # random shifts, fraction of the image size (train only)
+        "max_train": None,       # keep only the first N images (smoke runs)
+        "max_test": None,
+    },
+    "train": {
+        "steps": 1000,
+        "batch_size": 64,        # global batch: split over processes
+        "optimizer": "adam",     # adam | adamw | adamax
+        "lr": 1e-3,
+        "betas": [0.9, 0.999],
+        "weight_decay": 0.0,
+        "warmup_steps": 0,       # linear warm-up from 0
+        "schedule": "constant",  # constant | cosine (after warm-up)
+        "grad_clip": 0.0,        # max global grad norm; 0 = off
+        "ema": 0.0,              # EMA decay; 0 = off. Eval and sampling use EMA when on
+        "mixed_precision": "no", # no | bf16 (log-dets, priors, bpd stay float32)
+        "seed": 0,
+        "init_batch_size": 256,  # data-dependent init batch (same on every rank)
+        "max_nonfinite": 20,     # consecutive non-finite steps before training stops
+        "log_every": 10,
+        "eval_every": 500,
+        "sample_every": 500,
+        "checkpoint_every": 500,
+    },
+    "eval": {
+        "batch_size": 256,
+        "max_examples": None,    # None = the whole split
+    },
+    "sample": {
+        "n": 64,
+        "temperatures": [0.5, 0.7, 0.9, 1.0],
+    },
+    "paper": {                   # what the config reproduces (for eval.py --table)
+        "name": None,
+        "bpd": None,
+        "params": None,
+        "source": None,
+    },
+}
+
+CHOICES = {
+    ("data", "name"): ("cifar10", "npz", "mnist", "fashion_mnist"),
+    ("train", "optimizer"): ("adam", "adamw", "adamax"),
+    ("train", "schedule"): ("constant", "cosine"),
+    ("train", "mixed_precision"): ("no", "bf16"),
+}
+
+
+def _check_value(key: str, value, default):
+    """Type-check ``value`` against the default's type; returns the (coerced) value."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, (list, tuple)):
+        ok = isinstance(value, (list, tuple))
+        value = list(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise FlowlabError(f"config key '{key}' expects {type(default).__name__}, got {value!r}")
+    return value
+
+
+def _model_defaults(name) -> tuple[dict, dict]:
+    if name not in ARCHITECTURES:
+        raise FlowlabError(f"unknown model.name {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+    module = architecture(name)
+    return {"name": name, **module.DEFAULTS}, getattr(module, "CHOICES", {})
+
+
+def resolve(raw: dict) -> dict:
+    """Fill defaults into a raw config and check every key, type and choice."""
+    if not isinstance(raw, dict):
+        raise FlowlabError("a config must be a mapping of sections (model, data, train, ...)")
+    unknown = set(raw) - set(DEFAULTS) - {"model"}
+    if unknown:
+        raise FlowlabError(f"unknown config section(s) {sorted(unknown)}; known: model, {', '.join(DEFAULTS)}")
+    model_raw = raw.get("model") or {}
+    if "name" not in model_raw:
+        raise FlowlabError("config needs model.name (one of: " + ", ".join(sorted(ARCHITECTURES)) + ")")
+    model_defaults, model_choices = _model_defaults(model_raw["name"])
+    sections = {"model": model_defaults, **copy.deepcopy(DEFAULTS)}
+    choices = {**CHOICES, **{("model", k): v for k, v in model_choices.items()}}
+    resolved = {}
+    for section, defaults in sections.items():
+        given = raw.get(section) or {}
+        if not isinstance(given, dict):
+            raise FlowlabError(f"config section '{section}' must be a mapping")
+        for key in given:
+            if key not in defaults:
+                raise FlowlabError(f"unknown config key '{section}.{key}'; known: {', '.join(defaults)}")
+        out = {}
+        for key, default in defaults.items():
+            value = _check_value(f"{section}.{key}", given.get(key, default), default)
+            allowed = choices.get((section, key))
+            if allowed is not None and value not in allowed:
+                raise FlowlabError(f"config key '{section}.{key}' must be one of {list(allowed)}, got {value!r}")
+            out[key] = value
+        resolved[section] = out
+    return resolved
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a raw config."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise FlowlabError(f"override {item!r} is not of the form section.key=value")
+        key, text = item.split("=", 1)
+        parts = key.split(".")
+        if len(parts) != 2 or not all(parts):
+            raise FlowlabError(f"override key {key!r} must be section.key (e.g. train.steps=200)")
+        try:
+            value = yaml.safe_load(text) if text != "" else None
+        except yaml.YAMLError:
+            raise FlowlabError(f"override {item!r}: value is not valid YAML") from None
+        section = raw.setdefault(parts[0], {})
+        if not isinstance(section, dict):
+            raise FlowlabError(f"config section '{parts[0]}' must be a mapping")
+        section[parts[1]] = value
+    return raw
+
+
+def load_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FlowlabError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise FlowlabError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return raw or {}
+
+
+def load_config(path: str, overrides: list[str] = ()) -> dict:
+    """Load a YAML config, apply overrides and resolve it."""
+    return resolve(apply_overrides(load_yaml(path), list(overrides)))
+
+
+def save_config(cfg: dict, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)

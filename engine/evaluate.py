@@ -1,0 +1,59 @@
+"""Test-set bits/dim over a whole split, sharded over processes and gathered.
+
+Every example of the split is scored exactly once (no padding, no duplicates), with
+a fixed seed for the dequantization noise so the number is reproducible.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from data import eval_batches
+from engine.metrics import bits_per_dim, mean_and_stderr
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device):
+    """Run a block with a fixed torch seed, restoring the global RNG state afterwards."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@torch.no_grad()
+def per_example_bpd(model, images: torch.Tensor, batch_size: int, device, rank: int = 0, world_size: int = 1,
+                    seed: int = 0, autocast=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, bpd) of this rank's share of ``images``."""
+    was_training = model.training
+    model.eval()
+    idx_out, bpd_out = [], []
+    with seeded(seed + 7919 * rank, torch.device(device)):
+        for idx in eval_batches(images.shape[0], batch_size, rank, world_size):
+            if idx.numel() == 0:
+                continue
+            x = images[idx].to(device)
+            with autocast():
+                logp = model.log_prob(x)
+            bpd_out.append(bits_per_dim(logp, model.num_dims).cpu())
+            idx_out.append(idx)
+    model.train(was_training)
+    if not idx_out:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0)
+    return torch.cat(idx_out), torch.cat(bpd_out)
+
+
+def evaluate_bpd(model, images: torch.Tensor, batch_size: int, accelerator=None, seed: int = 0) -> dict:
+    """Mean +- standard error of bits/dim over ``images``; all ranks must call it."""
+    if accelerator is None:
+        idx, bpd = per_example_bpd(model, images, batch_size, next(model.parameters()).device, seed=seed)
+    else:
+        from accelerate.utils import gather_object
+        idx, bpd = per_example_bpd(model, images, batch_size, accelerator.device, accelerator.process_index,
+                                   accelerator.num_processes, seed, accelerator.autocast)
+        parts = gather_object([(idx, bpd)])
+        idx, bpd = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    assert idx.numel() == images.shape[0] and torch.unique(idx).numel() == idx.numel(), "eval must cover each example once"
+    mean, stderr = mean_and_stderr(bpd)
+    return {"bpd": mean, "stderr": stderr, "n": int(idx.numel()), "nonfinite": int((~torch.isfinite(bpd)).sum())}

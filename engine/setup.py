@@ -1,0 +1,31 @@
+"""Building the pieces a run needs from a resolved config: data, model, optimizer."""
+from __future__ import annotations
+
+import torch
+
+from data import load_dataset
+from engine.errors import FlowlabError
+from models.architectures import build_model
+
+
+def load_data(cfg: dict):
+    d = cfg["data"]
+    return load_dataset(d["name"], root=d["root"], path=d["path"], download=d["download"], n_bits=d["n_bits"],
+                        max_train=d["max_train"], max_test=d["max_test"])
+
+
+def make_model(cfg: dict, data_shape, num_bits: int):
+    try:
+        return build_model(cfg["model"], data_shape, num_bits)
+    except ValueError as e:
+        raise FlowlabError(f"cannot build model '{cfg['model']['name']}' for data of shape {tuple(data_shape)}: {e}") from None
+
+
+def make_optimizer(cfg: dict, params) -> torch.optim.Optimizer:
+    t = cfg["train"]
+    kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adamax": torch.optim.Adamax}
+    return kinds[t["optimizer"]](params, lr=t["lr"], betas=tuple(t["betas"]), weight_decay=t["weight_decay"])
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

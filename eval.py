@@ -1,0 +1,75 @@
+"""Test bits/dim of a run, or a markdown table of runs against their papers.
+
+    python eval.py RUN_DIR [--split test] [--json out.json]
+    python eval.py --table RUN_DIR [RUN_DIR ...]
+
+bits/dim is the mean over the whole split +- its standard error.  For models with
+uniform dequantization it is the single-sample variational bound (K=1).
+"""
+import argparse
+import json
+import math
+import os
+
+import torch
+
+from engine.cli import run_cli
+from engine.errors import FlowlabError
+from engine.evaluate import evaluate_bpd
+from engine.run import load_run
+from engine.setup import load_data
+
+
+def evaluate_run(run_dir: str, split: str, batch_size: int | None, device: str, use_ema: bool = True) -> dict:
+    cfg, model, info = load_run(run_dir, use_ema=use_ema, device=device)
+    data = load_data(cfg)
+    images = {"test": data.test, "train": data.train}[split]
+    if tuple(images.shape[1:]) != tuple(model.data_shape):
+        raise FlowlabError(f"data shape {tuple(images.shape[1:])} does not match the model's {model.data_shape}")
+    result = evaluate_bpd(model, images, batch_size or cfg["eval"]["batch_size"], seed=cfg["train"]["seed"])
+    return {"run": run_dir, "model": cfg["model"]["name"], "split": split, **result, "bound": "single-sample (K=1)",
+            "step": info["step"], "images_seen": info["images_seen"], "ema": info["ema"],
+            "num_params": sum(p.numel() for p in model.parameters()), "data": data.source, "paper": cfg["paper"]}
+
+
+def _fmt(value, spec: str) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| run | model | paper | paper bpd | our bpd | params | steps | images seen |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        paper = r["paper"]
+        ours = f"{r['bpd']:.3f} ± {r['stderr']:.3f}" if not math.isnan(r["bpd"]) else "nan"
+        lines.append(f"| {os.path.basename(os.path.normpath(r['run']))} | {r['model']} | {paper.get('name') or '–'} | "
+                     f"{_fmt(paper.get('bpd'), '.2f')} | {ours} | {r['num_params'] / 1e6:.2f}M | {r['step']} | {r['images_seen']:,} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+")
+    parser.add_argument("--split", default="test", choices=["test", "train"])
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--table", action="store_true", help="print a markdown table of the runs against their papers")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--no-ema", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    if len(args.run_dirs) > 1 and not args.table:
+        raise FlowlabError("several run directories need --table")
+    rows = [evaluate_run(d, args.split, args.batch_size, args.device, not args.no_ema) for d in args.run_dirs]
+    if args.table:
+        print(table(rows))
+    else:
+        r = rows[0]
+        print(f"{r['split']} bpd: {r['bpd']:.4f} ± {r['stderr']:.4f} (mean ± s.e. over n={r['n']} images, "
+              f"{r['bound']} bound, step {r['step']}, EMA {'on' if r['ema'] else 'off'}; data: {r['data']})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows if args.table else rows[0], f, indent=1)
+
+
+if __name__ == "__main__":
+    run_cli(main)

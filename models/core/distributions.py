@@ -1,0 +1,115 @@
+"""Base distributions over the final latent of a flow.
+
+Each one has ``log_prob(z) -> (B,)`` in float32 and ``sample(n, temperature)``.
+They are modules so that learned priors (Glow's learned top prior) carry
+parameters and move with the model's device.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from models.core.transform import sum_except_batch
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """Sum over non-batch dims of log N(z; mean, exp(log_std)^2), computed in float32."""
+    z, mean, log_std = z.float(), mean.float(), log_std.float()
+    return sum_except_batch(-0.5 * LOG_2PI - log_std - 0.5 * ((z - mean) * torch.exp(-log_std)) ** 2)
+
+
+class Distribution(nn.Module):
+    """A distribution over tensors of a fixed shape (C, H, W)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape = tuple(shape)
+
+    def _ref(self) -> torch.Tensor:
+        """A tensor on the module's device (for sampling)."""
+        for t in list(self.parameters()) + list(self.buffers()):
+            return t
+        return torch.zeros(())
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample(self, n: int, temperature: float = 1.0) -> torch.Tensor:
+        raise NotImplementedError
+
+    def standardize(self, z: torch.Tensor) -> torch.Tensor:
+        """Map ``z`` to standard noise (for ``Flow.encode``); identity by default."""
+        return z
+
+    def unstandardize(self, eps: torch.Tensor) -> torch.Tensor:
+        return eps
+
+
+class StandardNormal(Distribution):
+    """N(0, I)."""
+
+    def __init__(self, shape):
+        super().__init__(shape)
+        self.register_buffer("_device_ref", torch.zeros(()), persistent=False)
+
+    def log_prob(self, z):
+        return gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
+
+    def sample(self, n, temperature=1.0):
+        return temperature * torch.randn(n, *self.shape, device=self._device_ref.device)
+
+
+class Uniform01(Distribution):
+    """U(0, 1)^D: log p = 0 inside the unit cube, -inf outside."""
+
+    def __init__(self, shape):
+        super().__init__(shape)
+        self.register_buffer("_device_ref", torch.zeros(()), persistent=False)
+
+    def log_prob(self, z):
+        inside = ((z >= 0) & (z <= 1)).reshape(z.shape[0], -1).all(dim=1)
+        return torch.where(inside, 0.0, -math.inf).float()
+
+    def sample(self, n, temperature=1.0):
+        return torch.rand(n, *self.shape, device=self._device_ref.device)
+
+
+class LearnedGaussian(Distribution):
+    """Diagonal Gaussian with a learned mean and log-std per element.
+
+    Glow's learned top prior (``--learntop``) is a zero-initialised conv applied to
+    a tensor of zeros, i.e. the conv's bias: ``mean, log_std = h`` with ``h`` a
+    learned map of shape (2C, H, W).  ``prior_net`` realises exactly that map so
+    the parameter count matches the official code.
+    """
+
+    def __init__(self, shape, prior_net: nn.Module):
+        super().__init__(shape)
+        self.prior_net = prior_net
+        c, h, w = self.shape
+        self.register_buffer("_zeros", torch.zeros(1, 2 * c, h, w), persistent=False)
+
+    def params(self, n: int):
+        h = self.prior_net(self._zeros).expand(n, -1, -1, -1)
+        mean, log_std = h[:, 0::2], h[:, 1::2]
+        return mean, log_std
+
+    def log_prob(self, z):
+        mean, log_std = self.params(z.shape[0])
+        return gaussian_log_prob(z, mean, log_std)
+
+    def sample(self, n, temperature=1.0):
+        mean, log_std = self.params(n)
+        return mean + temperature * torch.exp(log_std) * torch.randn_like(mean)
+
+    def standardize(self, z):
+        mean, log_std = self.params(z.shape[0])
+        return (z - mean) * torch.exp(-log_std)
+
+    def unstandardize(self, eps):
+        mean, log_std = self.params(eps.shape[0])
+        return mean + torch.exp(log_std) * eps

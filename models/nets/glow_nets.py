@@ -1,0 +1,71 @@
+"""Conditioner networks of Glow (official ``tfops.py``).
+
+EdgePaddedConv2d: a "same" convolution whose input carries one extra channel that
+    is 1 on the zero padding and 0 inside (``add_edge_padding``), so the network can
+    tell image borders from dark pixels.
+ZeroConv2d: the last layer of every Glow network, zero-initialised and scaled by a
+    learned per-channel factor: out = (W * x + b) * exp(3 * logs).
+GlowCouplingNet: conv3x3 -> ActNorm -> ReLU -> conv1x1 -> ActNorm -> ReLU -> ZeroConv2d 3x3.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.transforms.bijections.actnorm import ActNorm
+
+
+class EdgePaddedConv2d(nn.Conv2d):
+    """kxk convolution with zero padding plus an is-padding input channel (odd k)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True, edge_padding: bool = True):
+        self.edge_padding = edge_padding and kernel_size > 1
+        extra = 1 if self.edge_padding else 0
+        super().__init__(in_channels + extra, out_channels, kernel_size, padding=0 if self.edge_padding else kernel_size // 2, bias=bias)
+
+    def forward(self, x):
+        if not self.edge_padding:
+            return super().forward(x)
+        p = self.kernel_size[0] // 2
+        b, _, h, w = x.shape
+        pad_mask = F.pad(torch.zeros(1, 1, h, w, device=x.device, dtype=x.dtype), (p, p, p, p), value=1.0)
+        x = torch.cat([F.pad(x, (p, p, p, p)), pad_mask.expand(b, -1, -1, -1)], dim=1)
+        return super().forward(x)
+
+
+class ZeroConv2d(EdgePaddedConv2d):
+    """Zero-initialised conv with a learned output scale exp(logscale_factor * logs)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, edge_padding: bool = True, logscale_factor: float = 3.0):
+        super().__init__(in_channels, out_channels, kernel_size, bias=True, edge_padding=edge_padding)
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+        self.logs = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
+        self.logscale_factor = logscale_factor
+
+    def forward(self, x):
+        return super().forward(x) * torch.exp(self.logs * self.logscale_factor).to(x.dtype)
+
+
+class ConvActNorm(nn.Module):
+    """Bias-free conv followed by ActNorm (Glow's ``conv2d`` with ``do_actnorm``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, edge_padding: bool = True):
+        super().__init__()
+        self.conv = EdgePaddedConv2d(in_channels, out_channels, kernel_size, bias=False, edge_padding=edge_padding)
+        self.norm = ActNorm(out_channels)
+
+    def forward(self, x):
+        return self.norm.normalize(self.conv(x))
+
+
+class GlowCouplingNet(nn.Sequential):
+    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 512, edge_padding: bool = True):
+        super().__init__(
+            ConvActNorm(in_channels, hidden_channels, 3, edge_padding),
+            nn.ReLU(),
+            ConvActNorm(hidden_channels, hidden_channels, 1, edge_padding),
+            nn.ReLU(),
+            ZeroConv2d(hidden_channels, out_channels, 3, edge_padding),
+        )

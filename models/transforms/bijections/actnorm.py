@@ -1,0 +1,61 @@
+"""ActNorm (Kingma & Dhariwal 2018, Glow §3.1).
+
+    y = (x + b) * exp(s)            per channel
+    log|det| = H * W * sum_c s_c
+
+Data-dependent init on the first batch it sees: b = -mean, s = log(1 / (std + eps)),
+so the output has zero mean and unit variance per channel.  ``s`` is stored divided
+by ``logscale_factor`` (3 in the official code), which scales its effective learning
+rate.  The ``initialized`` flag is a buffer, so it travels with checkpoints and a
+loaded model is never re-initialised.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.core.transform import Transform
+
+
+class ActNorm(Transform):
+    def __init__(self, num_channels: int, scale: float = 1.0, logscale_factor: float = 3.0, eps: float = 1e-6):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
+        self.logs = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
+        self.scale, self.logscale_factor, self.eps = scale, logscale_factor, eps
+        self.register_buffer("initialized", torch.zeros(()))
+        self._known_initialized = False  # host-side copy of the flag: no device sync per call
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._known_initialized = False
+        super()._load_from_state_dict(*args, **kwargs)
+
+    @torch.no_grad()
+    def _initialize(self, x: torch.Tensor) -> None:
+        x = x.float()
+        mean = x.mean(dim=(0, 2, 3), keepdim=True)
+        std = (x - mean).pow(2).mean(dim=(0, 2, 3), keepdim=True).sqrt()
+        self.bias.copy_(-mean)
+        self.logs.copy_(torch.log(self.scale / (std + self.eps)) / self.logscale_factor)
+        self.initialized.fill_(1.0)
+        self._known_initialized = True
+
+    def _log_scale(self) -> torch.Tensor:
+        return self.logs * self.logscale_factor
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The affine map alone (used inside conditioner networks)."""
+        if not self._known_initialized:
+            if bool(self.initialized):
+                self._known_initialized = True
+            else:
+                self._initialize(x)
+        return (x + self.bias.to(x.dtype)) * torch.exp(self._log_scale()).to(x.dtype)
+
+    def forward(self, x, context=None):
+        z = self.normalize(x)
+        ldj = (self._log_scale().float().sum() * x.shape[2] * x.shape[3]).expand(x.shape[0])
+        return z, ldj
+
+    def inverse(self, z, context=None, *, temperature=1.0):
+        return z * torch.exp(-self._log_scale()).to(z.dtype) - self.bias.to(z.dtype)

@@ -1,0 +1,47 @@
+"""Fixed element-wise pre-processing bijections.
+
+ScaleShift:  y = a * x + b,                      log|det| = D log|a|
+Logit (RealNVP §4.1, Flow++, Residual Flows): for x in [0, 1),
+    p = alpha + (1 - 2 alpha) x,   y = log p - log(1 - p)
+    log|det| = sum [ log(1 - 2 alpha) - log p - log(1 - p) ]
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from models.core.transform import Transform, sum_except_batch
+
+
+class ScaleShift(Transform):
+    def __init__(self, scale: float = 1.0, shift: float = 0.0):
+        super().__init__()
+        if scale == 0:
+            raise ValueError("ScaleShift needs a non-zero scale")
+        self.scale, self.shift = float(scale), float(shift)
+
+    def forward(self, x, context=None):
+        d = x[0].numel()
+        ldj = torch.full((x.shape[0],), d * math.log(abs(self.scale)), device=x.device, dtype=torch.float32)
+        return x * self.scale + self.shift, ldj
+
+    def inverse(self, z, context=None, *, temperature=1.0):
+        return (z - self.shift) / self.scale
+
+
+class Logit(Transform):
+    def __init__(self, alpha: float = 0.05):
+        super().__init__()
+        if not 0.0 <= alpha < 0.5:
+            raise ValueError("Logit needs 0 <= alpha < 0.5")
+        self.alpha = float(alpha)
+
+    def forward(self, x, context=None):
+        p = self.alpha + (1 - 2 * self.alpha) * x.float()
+        y = torch.log(p) - torch.log1p(-p)
+        ldj = sum_except_batch(math.log(1 - 2 * self.alpha) - torch.log(p) - torch.log1p(-p))
+        return y.to(x.dtype), ldj
+
+    def inverse(self, z, context=None, *, temperature=1.0):
+        return (torch.sigmoid(z) - self.alpha) / (1 - 2 * self.alpha)

@@ -1,0 +1,30 @@
+"""Train a flow model.
+
+    python train.py CONFIG.yaml [--out RUN_DIR] [--resume] [section.key=value ...]
+    accelerate launch [--num_processes N] train.py CONFIG.yaml ...
+
+The run directory gets the resolved config, checkpoint.pt, TensorBoard logs (tb/),
+metrics.jsonl, sample grids (samples/) and summary.json.
+"""
+import argparse
+import os
+
+from engine.cli import run_cli
+from engine.config import load_config
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML config, e.g. experiments/glow_cifar10.yaml")
+    parser.add_argument("--out", help="run directory (default: runs/<config name>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 data.name=npz")
+    args = parser.parse_intermixed_args()
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+    from engine.trainer import run_training
+    run_training(cfg, out, resume=args.resume)
+
+
+if __name__ == "__main__":
+    run_cli(main)
