@@ -11,14 +11,15 @@ import math
 import torch
 from torch import nn
 
-from models.core.transform import sum_except_batch
+from models.core.transform import compute_dtype, sum_except_batch
 
 LOG_2PI = math.log(2 * math.pi)
 
 
 def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
     """Sum over non-batch dims of log N(z; mean, exp(log_std)^2), computed in float32."""
-    z, mean, log_std = z.float(), mean.float(), log_std.float()
+    dtype = compute_dtype(z)
+    z, mean, log_std = z.to(dtype), mean.to(dtype), log_std.to(dtype)
     return sum_except_batch(-0.5 * LOG_2PI - log_std - 0.5 * ((z - mean) * torch.exp(-log_std)) ** 2)
 
 
@@ -72,7 +73,7 @@ class Uniform01(Distribution):
 
     def log_prob(self, z):
         inside = ((z >= 0) & (z <= 1)).reshape(z.shape[0], -1).all(dim=1)
-        return torch.where(inside, 0.0, -math.inf).float()
+        return torch.where(inside, 0.0, -math.inf).to(compute_dtype(z))
 
     def sample(self, n, temperature=1.0):
         return torch.rand(n, *self.shape, device=self._device_ref.device)

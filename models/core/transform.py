@@ -53,10 +53,16 @@ class Transform(nn.Module):
 
 
 def sum_except_batch(x: torch.Tensor) -> torch.Tensor:
-    """Sum over every dimension but the first, in float32: shape (B,)."""
-    return x.float().reshape(x.shape[0], -1).sum(dim=1)
+    """Sum over every dimension but the first, in at least float32: shape (B,)."""
+    return x.to(compute_dtype(x)).reshape(x.shape[0], -1).sum(dim=1)
 
 
 def zeros_ldj(x: torch.Tensor) -> torch.Tensor:
     """A float32 log-det of zeros, one per example."""
     return torch.zeros(x.shape[0], device=x.device, dtype=torch.float32)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """At least float32: the dtype for log-dets and invertible arithmetic under autocast
+    (float64 inputs, as in the tests, stay float64)."""
+    return torch.promote_types(x.dtype, torch.float32)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.core.transform import Transform
+from models.core.transform import Transform, compute_dtype
 
 
 class ActNorm(Transform):
@@ -32,7 +32,7 @@ class ActNorm(Transform):
 
     @torch.no_grad()
     def _initialize(self, x: torch.Tensor) -> None:
-        x = x.float()
+        x = x.to(compute_dtype(x))
         mean = x.mean(dim=(0, 2, 3), keepdim=True)
         std = (x - mean).pow(2).mean(dim=(0, 2, 3), keepdim=True).sqrt()
         self.bias.copy_(-mean)
@@ -54,7 +54,7 @@ class ActNorm(Transform):
 
     def forward(self, x, context=None):
         z = self.normalize(x)
-        ldj = (self._log_scale().float().sum() * x.shape[2] * x.shape[3]).expand(x.shape[0])
+        ldj = (self._log_scale().to(compute_dtype(x)).sum() * x.shape[2] * x.shape[3]).expand(x.shape[0])
         return z, ldj
 
     def inverse(self, z, context=None, *, temperature=1.0):

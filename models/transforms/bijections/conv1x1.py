@@ -13,7 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.core.transform import Transform
+from models.core.transform import Transform, compute_dtype
+
+
+def _conv1x1_float32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Apply a 1x1 conv in float32 even under autocast: the flow's stream stays exact-ish."""
+    dtype = compute_dtype(x)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.conv2d(x.to(dtype), weight.to(dtype)[:, :, None, None])
 
 
 def _random_rotation(c: int) -> torch.Tensor:
@@ -27,14 +34,13 @@ class InvertibleConv1x1(Transform):
         self.weight = nn.Parameter(_random_rotation(num_channels))
 
     def forward(self, x, context=None):
-        z = F.conv2d(x, self.weight.to(x.dtype)[:, :, None, None])
+        z = _conv1x1_float32(x, self.weight)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logdet = torch.linalg.slogdet(self.weight.double())[1].float()
+            logdet = torch.linalg.slogdet(self.weight.double())[1].to(compute_dtype(x))
         return z, (logdet * x.shape[2] * x.shape[3]).expand(x.shape[0])
 
     def inverse(self, z, context=None, *, temperature=1.0):
-        w_inv = torch.linalg.inv(self.weight.double()).to(z.dtype)
-        return F.conv2d(z, w_inv[:, :, None, None])
+        return _conv1x1_float32(z, torch.linalg.inv(self.weight.double()))
 
 
 class InvertibleConv1x1LU(Transform):
@@ -56,9 +62,8 @@ class InvertibleConv1x1LU(Transform):
         return self.perm @ lower @ upper
 
     def forward(self, x, context=None):
-        z = F.conv2d(x, self.weight().to(x.dtype)[:, :, None, None])
-        return z, (self.log_s.float().sum() * x.shape[2] * x.shape[3]).expand(x.shape[0])
+        z = _conv1x1_float32(x, self.weight())
+        return z, (self.log_s.to(compute_dtype(x)).sum() * x.shape[2] * x.shape[3]).expand(x.shape[0])
 
     def inverse(self, z, context=None, *, temperature=1.0):
-        w_inv = torch.linalg.inv(self.weight().double()).to(z.dtype)
-        return F.conv2d(z, w_inv[:, :, None, None])
+        return _conv1x1_float32(z, torch.linalg.inv(self.weight().double()))

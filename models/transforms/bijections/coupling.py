@@ -7,6 +7,9 @@ The input splits along channels into x = [x_a, x_b]; a network sees x_a only:
     additive (NICE):  z_b = x_b + shift (the network outputs shift only), log|det| = 0
     z = [x_a, z_b]
 
+Under autocast the network may run in bf16; the coupling arithmetic and its
+log-determinant are done in float32 (the stream's dtype is kept).
+
 The network's last layer is zero-initialised, so every coupling starts close to the
 identity (affine: scale sigmoid(2) ~ 0.88).
 """
@@ -16,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.core.transform import Transform, sum_except_batch, zeros_ldj
+from models.core.transform import Transform, compute_dtype, sum_except_batch, zeros_ldj
 
 
 class AffineCoupling(Transform):
@@ -27,21 +30,20 @@ class AffineCoupling(Transform):
         self.net, self.split_channels = net, split_channels
 
     def _shift_logscale(self, x_a):
-        h = self.net(x_a)
+        h = self.net(x_a).to(compute_dtype(x_a))  # the network may run in bf16; the coupling not
         shift, raw = h[:, 0::2], h[:, 1::2]
-        log_scale = F.logsigmoid(raw.float() + 2.0)
-        return shift, log_scale
+        return shift, F.logsigmoid(raw + 2.0)
 
     def forward(self, x, context=None):
         x_a, x_b = x[:, : self.split_channels], x[:, self.split_channels :]
         shift, log_scale = self._shift_logscale(x_a)
-        z_b = (x_b + shift) * torch.exp(log_scale).to(x_b.dtype)
+        z_b = (x_b.to(shift.dtype) + shift) * torch.exp(log_scale)
         return torch.cat([x_a, z_b], dim=1), sum_except_batch(log_scale)
 
     def inverse(self, z, context=None, *, temperature=1.0):
         z_a, z_b = z[:, : self.split_channels], z[:, self.split_channels :]
         shift, log_scale = self._shift_logscale(z_a)
-        x_b = z_b * torch.exp(-log_scale).to(z_b.dtype) - shift
+        x_b = z_b.to(shift.dtype) * torch.exp(-log_scale) - shift
         return torch.cat([z_a, x_b], dim=1)
 
 
@@ -54,8 +56,8 @@ class AdditiveCoupling(Transform):
 
     def forward(self, x, context=None):
         x_a, x_b = x[:, : self.split_channels], x[:, self.split_channels :]
-        return torch.cat([x_a, x_b + self.net(x_a)], dim=1), zeros_ldj(x)
+        return torch.cat([x_a, x_b + self.net(x_a).to(x_b.dtype)], dim=1), zeros_ldj(x)
 
     def inverse(self, z, context=None, *, temperature=1.0):
         z_a, z_b = z[:, : self.split_channels], z[:, self.split_channels :]
-        return torch.cat([z_a, z_b - self.net(z_a)], dim=1)
+        return torch.cat([z_a, z_b - self.net(z_a).to(z_b.dtype)], dim=1)

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from models.core.transform import Transform, sum_except_batch
+from models.core.transform import Transform, compute_dtype, sum_except_batch
 
 
 class ScaleShift(Transform):
@@ -38,7 +38,7 @@ class Logit(Transform):
         self.alpha = float(alpha)
 
     def forward(self, x, context=None):
-        p = self.alpha + (1 - 2 * self.alpha) * x.float()
+        p = self.alpha + (1 - 2 * self.alpha) * x.to(compute_dtype(x))
         y = torch.log(p) - torch.log1p(-p)
         ldj = sum_except_batch(math.log(1 - 2 * self.alpha) - torch.log(p) - torch.log1p(-p))
         return y.to(x.dtype), ldj

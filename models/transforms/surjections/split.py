@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from models.core.distributions import gaussian_log_prob
-from models.core.transform import Transform
+from models.core.transform import Transform, compute_dtype
 
 
 class Split(Transform):
@@ -29,7 +29,8 @@ class Split(Transform):
 
     def _prior(self, x1):
         h = self.prior_net(x1)
-        return h[:, 0::2], h[:, 1::2].float()
+        h = h.to(compute_dtype(x1))
+        return h[:, 0::2], h[:, 1::2]
 
     def forward(self, x, context=None):
         z, ldj, _ = self.split(x, context)
@@ -38,12 +39,12 @@ class Split(Transform):
     def split(self, x, context=None):
         x1, x2 = x[:, : self.keep_channels], x[:, self.keep_channels :]
         mean, log_std = self._prior(x1)
-        eps = (x2.float() - mean.float()) * torch.exp(-log_std)
+        eps = (x2.to(mean.dtype) - mean) * torch.exp(-log_std)
         return x1, gaussian_log_prob(x2, mean, log_std), eps
 
     def merge(self, z, latent, context=None):
         mean, log_std = self._prior(z)
-        x2 = mean.float() + torch.exp(log_std) * latent
+        x2 = mean + torch.exp(log_std) * latent.to(mean.dtype)
         return torch.cat([z, x2.to(z.dtype)], dim=1)
 
     def inverse(self, z, context=None, *, temperature=1.0):

@@ -28,7 +28,7 @@ class UniformDequantization(Transform):
         self.num_bins = 2 ** int(num_bits)
 
     def forward(self, x, context=None):
-        y = (x.float() + torch.rand(x.shape, device=x.device)) / self.num_bins
+        y = (x.to(torch.get_default_dtype()) + torch.rand(x.shape, device=x.device)) / self.num_bins
         ldj = torch.full((x.shape[0],), -x[0].numel() * math.log(self.num_bins), device=x.device)
         return y, ldj
 
