@@ -41,6 +41,7 @@ DEFAULTS = {
         "ema": 0.0,              # EMA decay; 0 = off. Eval and sampling use EMA when on
         "mixed_precision": "no", # no | bf16 (log-dets, priors, bpd stay float32)
         "seed": 0,
+        "time_limit_minutes": None,  # stop (evaluate, sample, checkpoint) after this much training time
         "init_batch_size": 256,  # data-dependent init batch (same on every rank)
         "max_nonfinite": 20,     # consecutive non-finite steps before training stops
         "log_every": 10,
@@ -62,6 +63,13 @@ DEFAULTS = {
         "params": None,
         "source": None,
     },
+}
+
+# Types of keys whose default is None (None stays allowed for them).
+OPTIONAL_TYPES = {
+    ("data", "path"): "", ("data", "max_train"): 0, ("data", "max_test"): 0,
+    ("train", "time_limit_minutes"): 0.0, ("eval", "max_examples"): 0,
+    ("paper", "name"): "", ("paper", "bpd"): 0.0, ("paper", "params"): 0, ("paper", "source"): "",
 }
 
 CHOICES = {
@@ -128,7 +136,7 @@ def resolve(raw: dict) -> dict:
                 raise FlowlabError(f"unknown config key '{section}.{key}'; known: {', '.join(defaults)}")
         out = {}
         for key, default in defaults.items():
-            value = _check_value(f"{section}.{key}", given.get(key, default), default)
+            value = _check_value(f"{section}.{key}", given.get(key, default), OPTIONAL_TYPES.get((section, key), default))
             allowed = choices.get((section, key))
             if allowed is not None and value not in allowed:
                 raise FlowlabError(f"config key '{section}.{key}' must be one of {list(allowed)}, got {value!r}")

@@ -35,7 +35,8 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: dict, run_dir: str, resume_state: dict | None = None):
+    def __init__(self, cfg: dict, run_dir: str, resume_state: dict | None = None, data=None, tensorboard: bool = True):
+        """``data`` (an ``ImageDataset``) replaces the config's data set (benchmarks use this)."""
         from accelerate import Accelerator, DistributedDataParallelKwargs
 
         self.cfg, self.run_dir, self.t = cfg, run_dir, cfg["train"]
@@ -45,7 +46,7 @@ class Trainer:
         if self.t["batch_size"] % self.world:
             raise FlowlabError(f"train.batch_size={self.t['batch_size']} is not divisible by {self.world} processes")
         torch.manual_seed(self.t["seed"])
-        self.data = load_data(cfg)
+        self.data = data if data is not None else load_data(cfg)
         self.model = make_model(cfg, self.data.shape, self.data.n_bits)
         self.num_dims = self.model.num_dims
         self.step, self.images_seen, self.nonfinite_total = 0, 0, 0
@@ -68,7 +69,7 @@ class Trainer:
         self.wrapped, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self.batches = ShardedBatches(self.data.train.shape[0], self.t["batch_size"], self.t["seed"], self.rank, self.world)
         self.writer = None
-        if self.acc.is_main_process:
+        if self.acc.is_main_process and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
 
@@ -213,7 +214,9 @@ class Trainer:
             self.evaluate()
         bar = tqdm(total=t["steps"], initial=self.step, disable=not self.acc.is_main_process, dynamic_ncols=True)
         consecutive_bad, window_start, window_images, last = 0, time.perf_counter(), 0, None
-        while self.step < t["steps"]:
+        deadline = None if t["time_limit_minutes"] is None else time.perf_counter() + 60 * t["time_limit_minutes"]
+        done = self.step >= t["steps"]
+        while not done:
             metrics = self.train_step(self.step)
             if metrics is None:
                 self.nonfinite_total += 1
@@ -226,7 +229,7 @@ class Trainer:
             self.step += 1
             self.images_seen += t["batch_size"]
             window_images += t["batch_size"]
-            if last is not None and (self.step % t["log_every"] == 0 or self.step == t["steps"]):
+            if last is not None and (self.step % t["log_every"] == 0 or self.step >= t["steps"]):
                 elapsed = time.perf_counter() - window_start
                 bpd = self.acc.reduce(last["bpd"].reshape(1), reduction="mean").item()
                 img_s = window_images / max(elapsed, 1e-9)
@@ -239,7 +242,9 @@ class Trainer:
                 bar.set_postfix(bpd=f"{bpd:.3f}", img_s=f"{img_s:.1f}")
                 window_start, window_images = time.perf_counter(), 0
             bar.update(1)
-            done = self.step == t["steps"]
+            done = self.step >= t["steps"] or (deadline is not None and self._any_rank(time.perf_counter() > deadline))
+            if done and self.step < t["steps"]:
+                self.log(f"time limit of {t['time_limit_minutes']} min reached at step {self.step}")
             if t["eval_every"] > 0 and (self.step % t["eval_every"] == 0 or done):
                 self.evaluate()
             if t["sample_every"] > 0 and (self.step % t["sample_every"] == 0 or done):

@@ -1,7 +1,7 @@
 """The one contract every layer of every flow family implements.
 
 A :class:`Transform` maps data ``x`` towards the latent ``z`` and returns its
-log-likelihood contribution ``ldj`` (shape ``(B,)``, float32):
+log-likelihood contribution ``ldj`` (shape ``(B,)``, float32, or float64 for float64 inputs):
 
     log p(x) >= log p(z) + ldj        (equality for exact bijections)
 

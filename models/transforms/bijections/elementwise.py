@@ -23,7 +23,7 @@ class ScaleShift(Transform):
 
     def forward(self, x, context=None):
         d = x[0].numel()
-        ldj = torch.full((x.shape[0],), d * math.log(abs(self.scale)), device=x.device, dtype=torch.float32)
+        ldj = torch.full((x.shape[0],), d * math.log(abs(self.scale)), device=x.device, dtype=compute_dtype(x))
         return x * self.scale + self.shift, ldj
 
     def inverse(self, z, context=None, *, temperature=1.0):

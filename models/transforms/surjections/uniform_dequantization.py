@@ -1,7 +1,7 @@
 """Uniform dequantization (Theis et al. 2016; Glow), as a surjection.
 
 Integer images x in {0, ..., K-1}^D (K = 2^n_bits) map to y = (x + u) / K with
-u ~ U(0, 1)^D.  Since q(u|x) = 1, the likelihood contribution is the bin volume
+u ~ U(0, 1)^D (kept strictly inside the bin despite float rounding).  Since q(u|x) = 1, the likelihood contribution is the bin volume
 
     ldj = -D log K - log q(u|x) = -D log K
 
@@ -28,7 +28,11 @@ class UniformDequantization(Transform):
         self.num_bins = 2 ** int(num_bits)
 
     def forward(self, x, context=None):
-        y = (x.to(torch.get_default_dtype()) + torch.rand(x.shape, device=x.device)) / self.num_bins
+        x = x.to(torch.get_default_dtype())
+        v = x + torch.rand(x.shape, device=x.device, dtype=x.dtype)
+        # x + u can round up to x + 1 in float32 when u is within an ulp of 1: keep it in its bin
+        v = torch.minimum(v, torch.nextafter(x + 1, x))
+        y = v / self.num_bins  # division by a power of two is exact, so floor(K y) == x
         ldj = torch.full((x.shape[0],), -x[0].numel() * math.log(self.num_bins), device=x.device)
         return y, ldj
 

@@ -1,0 +1,115 @@
+"""Training and sampling throughput of one config; prints ONE JSON line.
+
+    python benchmarks/throughput.py CONFIG.yaml [section.key=value ...]
+        [--steps N] [--warmup N] [--sample-n N]
+
+e.g.  python benchmarks/throughput.py experiments/glow_small.yaml train.batch_size=16
+
+A timed step is exactly the trainer's step (``engine.trainer.Trainer.train_step``:
+autocast when train.mixed_precision=bf16, loss = mean bits/dim + auxiliary losses,
+backward, grad-norm clipping, optimizer step, EMA and after-step hooks), after the
+trainer's own data-dependent init.  sec_per_step is the median over --steps timed steps
+after --warmup untimed ones; train_img_per_s = batch_size / sec_per_step.
+sample_seconds times one model.sample(N, temperature=1.0).
+Data: the config's data set when it loads, otherwise (a FlowlabError, e.g. CIFAR-10
+absent offline) random uint8 images of the data set's shape ("data": "random").
+The device is accelerate's choice (a GPU when there is one; ACCELERATE_USE_CPU=1 forces the CPU).
+Memory: CUDA -> torch.cuda.max_memory_allocated; CPU -> peak RSS of the whole process.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from data import ImageDataset  # noqa: E402
+from engine.cli import run_cli  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from engine.errors import FlowlabError  # noqa: E402
+from engine.setup import count_parameters, load_data  # noqa: E402
+from engine.trainer import Trainer  # noqa: E402
+
+RANDOM_SHAPES = {"cifar10": (3, 32, 32), "npz": (3, 32, 32), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28)}
+
+
+def get_data(cfg: dict) -> tuple[ImageDataset, str]:
+    """The config's data set, or random images of its shape when it cannot be loaded."""
+    try:
+        return load_data(cfg), "real"
+    except FlowlabError as err:
+        shape, n_bits = RANDOM_SHAPES[cfg["data"]["name"]], cfg["data"]["n_bits"]
+        gen = torch.Generator().manual_seed(cfg["train"]["seed"])
+        n = max(cfg["train"]["batch_size"], cfg["train"]["init_batch_size"], 256)
+        x = torch.randint(0, 2 ** n_bits, (n, *shape), generator=gen, dtype=torch.uint8)
+        return ImageDataset(x, x[:16], n_bits, "random", f"random uint8 {shape} images ({err})"), "random"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10), "cpu_peak_rss_process"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=16")
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps (default 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed training steps first (default 3)")
+    parser.add_argument("--sample-n", type=int, default=None, help="images to sample (default: the batch size)")
+    args = parser.parse_intermixed_args()
+    if args.steps < 1 or args.warmup < 0:
+        raise FlowlabError("--steps must be >= 1 and --warmup >= 0")
+    cfg = load_config(args.config, args.overrides)
+    bs = cfg["train"]["batch_size"]
+    sample_n = args.sample_n or bs
+    data, data_kind = get_data(cfg)
+    if data.train.shape[0] < bs:
+        raise FlowlabError(f"train.batch_size={bs} exceeds the {data.train.shape[0]} training images")
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(cfg, run_dir, data=data, tensorboard=False)
+        device = trainer.acc.device
+        times = []
+        for i in range(args.warmup + args.steps):
+            sync(device)
+            start = time.perf_counter()
+            trainer.train_step(i)
+            sync(device)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+        model = trainer.model.eval()
+        torch.manual_seed(cfg["train"]["seed"])
+        sync(device)
+        start = time.perf_counter()
+        model.sample(sample_n, temperature=1.0)
+        sync(device)
+        sample_seconds = time.perf_counter() - start
+    peak_mb, memory_kind = peak_memory(device)
+    sec_per_step = statistics.median(times)
+    print(json.dumps({
+        "config": args.config, "overrides": args.overrides, "model": cfg["model"]["name"], "device": str(device),
+        "torch_threads": torch.get_num_threads(), "batch_size": bs, "params": count_parameters(model),
+        "data": data_kind, "data_source": data.source, "mixed_precision": cfg["train"]["mixed_precision"],
+        "warmup_steps": args.warmup, "timed_steps": args.steps,
+        "train_img_per_s": round(bs / sec_per_step, 3), "sec_per_step": round(sec_per_step, 5),
+        "sample_n": sample_n, "sample_seconds": round(sample_seconds, 4),
+        "peak_memory_mb": round(peak_mb, 1), "memory_kind": memory_kind,
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    run_cli(main)

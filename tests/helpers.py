@@ -1,0 +1,206 @@
+"""Reusable checks for flow layers and models (any flow family).
+
+Every invertible layer in the project is tested with the same two checks
+(``shared/design.md``: "inverse(forward(x)) == x to tolerance, and log|det J|
+equal to the log-determinant of the autograd Jacobian on small inputs"):
+
+    assert_invertible(t, x)                 inverse(forward(x)) == x  (bijections)
+                                            merge(*split(x)) == x     (factor-out layers)
+    assert_ldj_matches_jacobian(t, x)       forward's ldj == log|det dz/dx| per example
+
+plus a whole-model check that training reaches every parameter:
+
+    assert_all_parameters_get_gradient(model, loss)
+
+Conventions
+-----------
+* Transforms act on batches ``(B, C, H, W)`` and return ``(z, ldj)`` with ``ldj`` of
+  shape ``(B,)`` (see ``models.core.transform``).
+* Jacobians are taken per example: each example is run as a batch of one, so a
+  layer that mixes examples (it should not) would show up as a mismatch.
+* Use float64 for tight tolerances: build the layer under the ``float64`` fixture of
+  ``tests/conftest.py`` (or call ``.double()`` on it) and pass a float64 ``x``.  The
+  helpers cast ``x`` to float64 but never change the transform's dtype.  Layers
+  compute ``ldj`` in at least float32 (``models.core.transform.compute_dtype``): with
+  float64 inputs most keep float64, but a float32 ldj (e.g. a constant log-det built
+  in float32) carries ~1e-7 relative rounding; the default tolerances allow that.
+* Layers with data-dependent initialisation (ActNorm, and ActNorm inside conditioner
+  networks) initialise on the first batch they see.  :func:`initialize` runs that one
+  forward pass; the Jacobian helpers call it first so that the single-example passes
+  below do not re-initialise the layer on one example.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from models.core.transform import Transform
+
+__all__ = [
+    "initialize",
+    "assert_invertible",
+    "jacobian_logdet",
+    "autograd_logdet",
+    "assert_ldj_matches_jacobian",
+    "assert_all_parameters_get_gradient",
+    "perturb_parameters",
+]
+
+
+@torch.no_grad()
+def initialize(transform: Transform, x: torch.Tensor, context: torch.Tensor | None = None) -> None:
+    """Run one forward pass on the whole batch ``x`` so data-dependent init happens now.
+
+    Safe to call on layers without data-dependent init (it is just a forward pass) and
+    on already-initialised layers (ActNorm initialises only once).
+    """
+    if transform.factors_out:
+        transform.split(x, context)
+    else:
+        transform(x, context)
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_invertible(transform: Transform, x: torch.Tensor, atol: float = 1e-6,
+                      context: torch.Tensor | None = None) -> None:
+    """Check that ``transform`` maps ``x`` forward and back to ``x`` within ``atol``.
+
+    Honours the class flags of :class:`models.core.transform.Transform`:
+
+    * ``factors_out`` layers (multi-scale split): ``merge(z, latent) == x`` where
+      ``(z, ldj, latent) = split(x)``; ``inverse`` is stochastic there, so it is not used.
+    * ``bijective`` layers: ``inverse(forward(x)) == x``; also checks the output keeps
+      the batch size and has the shape ``output_shape`` promises, and that ``ldj`` has
+      shape ``(B,)``.
+    * anything else (surjections such as dequantization) is refused with an
+      ``AssertionError``: write a layer-specific test for it instead.
+    """
+    initialize(transform, x, context)
+    with torch.no_grad():
+        if transform.factors_out:
+            z, ldj, latent = transform.split(x, context)
+            assert ldj.shape == (x.shape[0],), f"ldj shape {tuple(ldj.shape)}, expected ({x.shape[0]},)"
+            x_rec = transform.merge(z, latent, context)
+        else:
+            assert transform.bijective, (
+                f"{type(transform).__name__} is neither bijective nor factors_out; "
+                "assert_invertible does not apply to it")
+            z, ldj = transform(x, context)
+            assert ldj.shape == (x.shape[0],), f"ldj shape {tuple(ldj.shape)}, expected ({x.shape[0]},)"
+            expected = (x.shape[0], *transform.output_shape(tuple(x.shape[1:])))
+            assert tuple(z.shape) == expected, f"output shape {tuple(z.shape)}, output_shape says {expected}"
+            x_rec = transform.inverse(z, context)
+    assert x_rec.shape == x.shape, f"reconstruction shape {tuple(x_rec.shape)} != input shape {tuple(x.shape)}"
+    err = _max_err(x_rec, x)
+    assert err <= atol, f"{type(transform).__name__}: max |inverse(forward(x)) - x| = {err:.3e} > {atol:.1e}"
+
+
+def jacobian_logdet(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """log|det| of the Jacobian of ``fn`` at each example of ``x``, in float64, shape (B,).
+
+    ``fn`` takes a batch of ONE example, shape ``(1, *x.shape[1:])``, and returns any
+    tensor with as many elements as one example (it is flattened), e.g. a layer's
+    output or a whole model's concatenated latents.  The Jacobian is the full
+    ``D x D`` matrix from ``torch.autograd.functional.jacobian`` (so keep ``D`` small:
+    a few hundred at most).  Raises ``AssertionError`` if the map is not square or the
+    Jacobian is singular.
+    """
+    x = x.detach().double()
+    shape = tuple(x.shape[1:])
+    d = x[0].numel()
+    out = []
+    for xi in x:
+        def flat(v: torch.Tensor) -> torch.Tensor:
+            return fn(v.reshape(1, *shape)).reshape(-1).double()
+
+        jac = torch.autograd.functional.jacobian(flat, xi.reshape(-1).clone())
+        assert jac.shape == (d, d), f"Jacobian has shape {tuple(jac.shape)}; the map must be {d} -> {d}"
+        sign, logabsdet = torch.linalg.slogdet(jac)
+        assert sign.item() != 0, "singular Jacobian: the map is not locally invertible here"
+        out.append(logabsdet)
+    return torch.stack(out)
+
+
+def autograd_logdet(transform: Transform, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-example log|det dz/dx| of ``transform``'s forward map from autograd, shape (B,).
+
+    Initialises the layer on the whole batch first (data-dependent init), then
+    differentiates the forward map of each example run as a batch of one, in float64.
+    Only meaningful for ``bijective`` layers.
+    """
+    assert transform.bijective, f"{type(transform).__name__} is not bijective: its Jacobian is not square"
+    initialize(transform, x.double(), context)
+    return jacobian_logdet(lambda v: transform(v, context)[0], x)
+
+
+def assert_ldj_matches_jacobian(transform: Transform, x: torch.Tensor, atol: float = 1e-5,
+                                rtol: float = 1e-6, context: torch.Tensor | None = None) -> None:
+    """Check the ``ldj`` that ``forward`` returns equals the autograd log|det J| per example.
+
+    The tolerance is ``atol + rtol * |log|det||``; the defaults allow a float32 ldj
+    (a log-det of a few hundred carries ~1e-5 of float32 rounding).  With float64 layers
+    and inputs pass much tighter ones (e.g. ``atol=1e-8``).
+    """
+    expected = autograd_logdet(transform, x, context)
+    with torch.no_grad():
+        _, ldj = transform(x.double(), context)
+    assert ldj.shape == expected.shape, f"ldj shape {tuple(ldj.shape)} != ({x.shape[0]},)"
+    err = (ldj.double() - expected).abs()
+    tol = atol + rtol * expected.abs()
+    assert bool((err <= tol).all()), (
+        f"{type(transform).__name__}: ldj {ldj.tolist()} != autograd log|det J| {expected.tolist()} "
+        f"(max error {err.max().item():.3e})")
+
+
+def assert_all_parameters_get_gradient(model: nn.Module, loss: torch.Tensor) -> None:
+    """Backpropagate ``loss`` and check every parameter's grad is present, finite, not all zero.
+
+    Zeroes existing grads first (``set_to_none``), so the check sees only this loss.
+    Parameters with ``requires_grad=False`` are ignored.
+
+    A zero-initialised last layer (Glow's ZeroConv2d, zero-init priors) makes some
+    grads exactly zero at initialisation: e.g. ZeroConv2d's ``logs`` (its output is 0,
+    so d out / d logs = 0) and every weight *before* a zero conv.  Tests of freshly
+    built models should first move such parameters off zero (see
+    :func:`perturb_parameters`) or take an optimizer step, and say so.
+    """
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    missing, nonfinite, zero = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            missing.append(name)
+        elif not torch.isfinite(p.grad).all():
+            nonfinite.append(name)
+        elif not bool((p.grad != 0).any()):
+            zero.append(name)
+    problems = []
+    if missing:
+        problems.append(f"no grad: {missing}")
+    if nonfinite:
+        problems.append(f"non-finite grad: {nonfinite}")
+    if zero:
+        problems.append(f"all-zero grad: {zero}")
+    assert not problems, "; ".join(problems)
+
+
+@torch.no_grad()
+def perturb_parameters(module: nn.Module, std: float = 0.05, generator: torch.Generator | None = None,
+                       types: tuple[type, ...] | None = None) -> None:
+    """Add N(0, std^2) noise to every parameter of ``module`` (or of its submodules of ``types``).
+
+    Use it to move zero-initialised layers (ZeroConv2d, zero-init priors) off the
+    identity so that invertibility and log-det tests exercise a non-trivial map.
+    """
+    targets = [module] if types is None else [m for m in module.modules() if isinstance(m, types)]
+    for m in targets:
+        for p in m.parameters(recurse=types is None):
+            noise = torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p)
+            p.add_(std * noise)
