@@ -177,9 +177,9 @@ class Trainer:
     def save(self) -> None:
         """Atomic checkpoint from the main process; never from a non-finite state."""
         self.acc.wait_for_everyone()
+        if self._any_rank(not all(bool(torch.isfinite(p).all()) for p in self.model.parameters())):
+            raise FlowlabError(f"refusing to checkpoint non-finite weights at step {self.step}; the last checkpoint is kept")
         if self.acc.is_main_process:
-            if not all(torch.isfinite(p).all() for p in self.model.parameters()):
-                raise FlowlabError(f"refusing to checkpoint non-finite weights at step {self.step}; the last checkpoint is kept")
             state = {
                 "config": self.cfg,
                 "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},

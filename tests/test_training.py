@@ -162,3 +162,12 @@ def test_persistent_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path)
     after = torch.load(out / "checkpoint.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in after["model"].values() if v.is_floating_point())
     assert after["step"] >= 2 and (after["step"] > 2 or (out / "checkpoint.pt").read_bytes() == before)
+
+
+def test_time_limit_stops_early_with_a_final_checkpoint_and_eval(tmp_path):
+    out = tmp_path / "timed"
+    proc = train(out, "train.steps=100000", "train.time_limit_minutes=0.0001", "train.eval_every=100000")
+    assert "time limit of 0.0001 min reached at step 1" in proc.stdout
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 1 and state["images_seen"] == 16
+    assert set(metric(out, "test/bpd")) == {0, 1}  # evaluated at the start and where it stopped
