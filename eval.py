@@ -2,9 +2,13 @@
 
     python eval.py RUN_DIR [--split test] [--json out.json]
     python eval.py --table RUN_DIR [RUN_DIR ...]
+    python eval.py RUN_DIR --iw-samples 4096 [--iw-chunk 64]
 
 bits/dim is the mean over the whole split +- its standard error.  For models with
-uniform dequantization it is the single-sample variational bound (K=1).
+stochastic (uniform or variational) dequantization it is the single-sample variational
+bound (K=1); ``--iw-samples K`` adds the importance-weighted bound
+log (1/K) sum_k p(x + u_k) / q(u_k | x) (Flow++'s evaluation), computed ``--iw-chunk``
+samples per forward so that K=4096 fits in memory.  K is stated next to every number.
 """
 import argparse
 import json
@@ -15,19 +19,29 @@ import torch
 
 from engine.cli import run_cli
 from engine.errors import FlowlabError
-from engine.evaluate import evaluate_bpd
+from engine.evaluate import evaluate_bpd, evaluate_iw_bpd
 from engine.run import load_run
 from engine.setup import load_data
 
 
-def evaluate_run(run_dir: str, split: str, batch_size: int | None, device: str, use_ema: bool = True) -> dict:
+def evaluate_run(run_dir: str, split: str, batch_size: int | None, device: str, use_ema: bool = True,
+                 iw_samples: int = 1, iw_chunk: int | None = None, max_examples: int | None = None) -> dict:
     cfg, model, info = load_run(run_dir, use_ema=use_ema, device=device)
     data = load_data(cfg)
     images = {"test": data.test, "train": data.train}[split]
+    if max_examples:
+        images = images[:max_examples]
     if tuple(images.shape[1:]) != tuple(model.data_shape):
         raise FlowlabError(f"data shape {tuple(images.shape[1:])} does not match the model's {model.data_shape}")
-    result = evaluate_bpd(model, images, batch_size or cfg["eval"]["batch_size"], seed=cfg["train"]["seed"])
+    batch_size = batch_size or cfg["eval"]["batch_size"]
+    result = evaluate_bpd(model, images, batch_size, seed=cfg["train"]["seed"])
+    iw = None
+    if iw_samples > 1 and model.is_stochastic:
+        r = evaluate_iw_bpd(model, images, iw_samples, batch_size, iw_chunk, seed=cfg["train"]["seed"] + 1)
+        iw = {"bpd": r["bpd"], "stderr": r["stderr"], "n": r["n"], "nonfinite": r["nonfinite"], "k": iw_samples,
+              "bound": f"importance-weighted (K={iw_samples})"}
     return {"run": run_dir, "model": cfg["model"]["name"], "split": split, **result, "bound": "single-sample (K=1)",
+            "stochastic": model.is_stochastic, "iw": iw,
             "step": info["step"], "images_seen": info["images_seen"], "ema": info["ema"],
             "num_params": sum(p.numel() for p in model.parameters()), "data": data.source, "paper": cfg["paper"]}
 
@@ -42,6 +56,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         paper = r["paper"]
         ours = f"{r['bpd']:.3f} ± {r['stderr']:.3f}" if not math.isnan(r["bpd"]) else "nan"
+        if r.get("iw"):
+            ours += f" (K=1); {r['iw']['bpd']:.3f} ± {r['iw']['stderr']:.3f} (IW, K={r['iw']['k']})"
         lines.append(f"| {os.path.basename(os.path.normpath(r['run']))} | {r['model']} | {paper.get('name') or '–'} | "
                      f"{_fmt(paper.get('bpd'), '.2f')} | {ours} | {r['num_params'] / 1e6:.2f}M | {r['step']} | {r['images_seen']:,} |")
     return "\n".join(lines)
@@ -55,17 +71,33 @@ def main():
     parser.add_argument("--table", action="store_true", help="print a markdown table of the runs against their papers")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--no-ema", action="store_true")
+    parser.add_argument("--iw-samples", type=int, default=1, metavar="K",
+                        help="also report the importance-weighted bound with K dequantization samples per image")
+    parser.add_argument("--max-examples", type=int, metavar="N",
+                        help="evaluate only the first N images of the split (both bounds use the same N)")
+    parser.add_argument("--iw-chunk", type=int, default=64,
+                        help="importance samples per forward pass (memory: batch-size / iw-chunk images per forward)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     if len(args.run_dirs) > 1 and not args.table:
         raise FlowlabError("several run directories need --table")
-    rows = [evaluate_run(d, args.split, args.batch_size, args.device, not args.no_ema) for d in args.run_dirs]
+    if args.iw_samples < 1 or args.iw_chunk < 1:
+        raise FlowlabError("--iw-samples and --iw-chunk must be at least 1")
+    rows = [evaluate_run(d, args.split, args.batch_size, args.device, not args.no_ema, args.iw_samples, args.iw_chunk,
+                         args.max_examples) for d in args.run_dirs]
     if args.table:
         print(table(rows))
     else:
         r = rows[0]
         print(f"{r['split']} bpd: {r['bpd']:.4f} ± {r['stderr']:.4f} (mean ± s.e. over n={r['n']} images, "
               f"{r['bound']} bound, step {r['step']}, EMA {'on' if r['ema'] else 'off'}; data: {r['data']})")
+        if r["iw"]:
+            print(f"{r['split']} bpd (IW, K={r['iw']['k']}): {r['iw']['bpd']:.4f} ± {r['iw']['stderr']:.4f} "
+                  f"(mean ± s.e. over n={r['iw']['n']} images, {r['iw']['bound']} bound; "
+                  f"single-sample K=1: {r['bpd']:.4f})")
+        elif args.iw_samples > 1:
+            print(f"(--iw-samples {args.iw_samples} ignored: the model's log-likelihood is deterministic, "
+                  "so the importance-weighted bound equals the K=1 number)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows if args.table else rows[0], f, indent=1)

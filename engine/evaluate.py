@@ -2,6 +2,11 @@
 
 Every example of the split is scored exactly once (no padding, no duplicates), with
 a fixed seed for the dequantization noise so the number is reproducible.
+
+With ``iw_samples = K > 1`` (models with stochastic dequantization) each example's
+log-likelihood is the importance-weighted bound ``Flow.log_prob_iw`` over K noise draws,
+``iw_chunk`` draws per forward; a forward then holds ``max(1, batch_size // iw_chunk)``
+images times ``iw_chunk`` draws, so memory stays that of ``batch_size`` for any K.
 """
 from __future__ import annotations
 
@@ -24,8 +29,12 @@ def seeded(seed: int, device: torch.device):
 
 @torch.no_grad()
 def per_example_bpd(model, images: torch.Tensor, batch_size: int, device, rank: int = 0, world_size: int = 1,
-                    seed: int = 0, autocast=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+                    seed: int = 0, autocast=contextlib.nullcontext, iw_samples: int = 1,
+                    iw_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices, bpd) of this rank's share of ``images``."""
+    if iw_samples > 1:
+        iw_chunk = max(1, min(iw_chunk or iw_samples, iw_samples))
+        batch_size = max(1, batch_size // iw_chunk)
     was_training = model.training
     model.eval()
     idx_out, bpd_out = [], []
@@ -35,7 +44,7 @@ def per_example_bpd(model, images: torch.Tensor, batch_size: int, device, rank: 
                 continue
             x = images[idx].to(device)
             with autocast():
-                logp = model.log_prob(x)
+                logp = model.log_prob(x) if iw_samples == 1 else model.log_prob_iw(x, iw_samples, iw_chunk)
             bpd_out.append(bits_per_dim(logp, model.num_dims).cpu())
             idx_out.append(idx)
     model.train(was_training)
@@ -44,16 +53,28 @@ def per_example_bpd(model, images: torch.Tensor, batch_size: int, device, rank: 
     return torch.cat(idx_out), torch.cat(bpd_out)
 
 
-def evaluate_bpd(model, images: torch.Tensor, batch_size: int, accelerator=None, seed: int = 0) -> dict:
-    """Mean +- standard error of bits/dim over ``images``; all ranks must call it."""
+def evaluate_bpd(model, images: torch.Tensor, batch_size: int, accelerator=None, seed: int = 0,
+                 iw_samples: int = 1, iw_chunk: int | None = None) -> dict:
+    """Mean +- standard error of bits/dim over ``images``; all ranks must call it.
+
+    ``iw_samples`` > 1: the importance-weighted bound with that many samples (needs
+    ``model.log_prob_iw``, i.e. an unwrapped ``Flow``)."""
     if accelerator is None:
-        idx, bpd = per_example_bpd(model, images, batch_size, next(model.parameters()).device, seed=seed)
+        idx, bpd = per_example_bpd(model, images, batch_size, next(model.parameters()).device, seed=seed,
+                                   iw_samples=iw_samples, iw_chunk=iw_chunk)
     else:
         from accelerate.utils import gather_object
         idx, bpd = per_example_bpd(model, images, batch_size, accelerator.device, accelerator.process_index,
-                                   accelerator.num_processes, seed, accelerator.autocast)
+                                   accelerator.num_processes, seed, accelerator.autocast, iw_samples, iw_chunk)
         parts = gather_object([(idx, bpd)])
         idx, bpd = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     assert idx.numel() == images.shape[0] and torch.unique(idx).numel() == idx.numel(), "eval must cover each example once"
     mean, stderr = mean_and_stderr(bpd)
-    return {"bpd": mean, "stderr": stderr, "n": int(idx.numel()), "nonfinite": int((~torch.isfinite(bpd)).sum())}
+    return {"bpd": mean, "stderr": stderr, "n": int(idx.numel()), "nonfinite": int((~torch.isfinite(bpd)).sum()),
+            "iw_samples": iw_samples}
+
+
+def evaluate_iw_bpd(model, images: torch.Tensor, iw_samples: int, batch_size: int, iw_chunk: int | None = None,
+                    accelerator=None, seed: int = 0) -> dict:
+    """The importance-weighted bits/dim bound with ``iw_samples`` samples (see the module docstring)."""
+    return evaluate_bpd(model, images, batch_size, accelerator, seed, iw_samples, iw_chunk)

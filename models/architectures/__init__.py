@@ -7,6 +7,8 @@ import importlib
 
 ARCHITECTURES = {
     "glow": "models.architectures.glow",
+    "flowpp": "models.architectures.flowpp",
+    "realnvp": "models.architectures.realnvp",
 }
 
 

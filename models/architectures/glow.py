@@ -10,6 +10,7 @@ CIFAR-10 model (44.6M parameters).
 """
 from __future__ import annotations
 
+from models.architectures.flowpp import build_dequantization
 from models.core.distributions import LearnedGaussian, StandardNormal
 from models.core.flow import Flow
 from models.nets.glow_nets import GlowCouplingNet, ZeroConv2d
@@ -20,7 +21,6 @@ from models.transforms.bijections.elementwise import ScaleShift
 from models.transforms.bijections.permutation import ChannelPermutation
 from models.transforms.bijections.squeeze import Squeeze
 from models.transforms.surjections.split import Split
-from models.transforms.surjections.uniform_dequantization import UniformDequantization
 
 DEFAULTS = {
     "levels": 3,               # L
@@ -36,7 +36,7 @@ DEFAULTS = {
 CHOICES = {
     "coupling": ("affine", "additive"),
     "permutation": ("conv1x1", "conv1x1_lu", "reverse", "shuffle"),
-    "dequantization": ("uniform",),
+    "dequantization": ("uniform", "variational"),  # variational: Flow++'s dequantizer (paper settings)
 }
 
 
@@ -63,7 +63,7 @@ def build(cfg: dict, data_shape: tuple[int, int, int], num_bits: int) -> Flow:
     c, h, w = data_shape
     if h % 2 ** cfg["levels"] or w % 2 ** cfg["levels"]:
         raise ValueError(f"image size {h}x{w} is not divisible by 2^levels = {2 ** cfg['levels']}")
-    transforms = [UniformDequantization(num_bits), ScaleShift(1.0, -0.5)]
+    transforms = [build_dequantization(cfg["dequantization"], data_shape, num_bits), ScaleShift(1.0, -0.5)]
     shape = data_shape
     for level in range(cfg["levels"]):
         transforms.append(Squeeze())

@@ -8,6 +8,9 @@ so the output has zero mean and unit variance per channel.  ``s`` is stored divi
 by ``logscale_factor`` (3 in the official code), which scales its effective learning
 rate.  The ``initialized`` flag is a buffer, so it travels with checkpoints and a
 loaded model is never re-initialised.
+
+``spatial_shape=(H, W)`` gives one (b, s) per element instead of per channel (Flow++'s
+``Norm``): statistics over the batch only, log|det| = sum_{c,h,w} s_chw.
 """
 from __future__ import annotations
 
@@ -18,10 +21,13 @@ from models.core.transform import Transform, compute_dtype
 
 
 class ActNorm(Transform):
-    def __init__(self, num_channels: int, scale: float = 1.0, logscale_factor: float = 3.0, eps: float = 1e-6):
+    def __init__(self, num_channels: int, scale: float = 1.0, logscale_factor: float = 3.0, eps: float = 1e-6,
+                 spatial_shape: tuple[int, int] | None = None):
         super().__init__()
-        self.bias = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
-        self.logs = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
+        self.per_element = spatial_shape is not None
+        shape = (1, num_channels, *spatial_shape) if self.per_element else (1, num_channels, 1, 1)
+        self.bias = nn.Parameter(torch.zeros(shape))
+        self.logs = nn.Parameter(torch.zeros(shape))
         self.scale, self.logscale_factor, self.eps = scale, logscale_factor, eps
         self.register_buffer("initialized", torch.zeros(()))
         self._known_initialized = False  # host-side copy of the flag: no device sync per call
@@ -33,8 +39,9 @@ class ActNorm(Transform):
     @torch.no_grad()
     def _initialize(self, x: torch.Tensor) -> None:
         x = x.to(compute_dtype(x))
-        mean = x.mean(dim=(0, 2, 3), keepdim=True)
-        std = (x - mean).pow(2).mean(dim=(0, 2, 3), keepdim=True).sqrt()
+        dims = (0,) if self.per_element else (0, 2, 3)
+        mean = x.mean(dim=dims, keepdim=True)
+        std = (x - mean).pow(2).mean(dim=dims, keepdim=True).sqrt()
         self.bias.copy_(-mean)
         self.logs.copy_(torch.log(self.scale / (std + self.eps)) / self.logscale_factor)
         self.initialized.fill_(1.0)
@@ -54,7 +61,8 @@ class ActNorm(Transform):
 
     def forward(self, x, context=None):
         z = self.normalize(x)
-        ldj = (self._log_scale().to(compute_dtype(x)).sum() * x.shape[2] * x.shape[3]).expand(x.shape[0])
+        per_position = 1 if self.per_element else x.shape[2] * x.shape[3]
+        ldj = (self._log_scale().to(compute_dtype(x)).sum() * per_position).expand(x.shape[0])
         return z, ldj
 
     def inverse(self, z, context=None, *, temperature=1.0):

@@ -2,8 +2,12 @@
 
     z[:, :, i, j] = W x[:, :, i, j]          log|det| = H * W * log|det W|
 
+The same layers act on vectors (B, D) as a learned invertible linear map z = W x with
+log|det| = log|det W| (H * W = 1): the "learned permutation" of vector flows.
+
 Plain: W is a free C x C matrix initialised as a random rotation; log|det W| and
 W^-1 are computed in float64 (as the official code does) and cast back.
+``init="noisy_identity"`` starts from I + 0.001 N(0, 1) (Flow++'s ``Pointwise``).
 LU: W = P L (U + diag(sign(s) * exp(log|s|))) with P fixed, L unit lower-triangular
 and U strictly upper-triangular, so log|det W| = sum log|s| costs O(C).
 """
@@ -20,7 +24,14 @@ def _conv1x1_float32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Apply a 1x1 conv in float32 even under autocast: the flow's stream stays exact-ish."""
     dtype = compute_dtype(x)
     with torch.autocast(device_type=x.device.type, enabled=False):
+        if x.dim() == 2:  # vectors (B, D): z = W x
+            return x.to(dtype) @ weight.to(dtype).T
         return F.conv2d(x.to(dtype), weight.to(dtype)[:, :, None, None])
+
+
+def _positions(x: torch.Tensor) -> int:
+    """Number of positions the matrix is applied at: H * W for images, 1 for vectors."""
+    return x[0, 0].numel()
 
 
 def _random_rotation(c: int) -> torch.Tensor:
@@ -29,15 +40,21 @@ def _random_rotation(c: int) -> torch.Tensor:
 
 
 class InvertibleConv1x1(Transform):
-    def __init__(self, num_channels: int):
+    def __init__(self, num_channels: int, init: str = "rotation"):
         super().__init__()
-        self.weight = nn.Parameter(_random_rotation(num_channels))
+        if init == "rotation":
+            weight = _random_rotation(num_channels)
+        elif init == "noisy_identity":
+            weight = torch.eye(num_channels) + 1e-3 * torch.randn(num_channels, num_channels)
+        else:
+            raise ValueError(f"unknown init {init!r}; use rotation or noisy_identity")
+        self.weight = nn.Parameter(weight)
 
     def forward(self, x, context=None):
         z = _conv1x1_float32(x, self.weight)
         with torch.autocast(device_type=x.device.type, enabled=False):
             logdet = torch.linalg.slogdet(self.weight.double())[1].to(compute_dtype(x))
-        return z, (logdet * x.shape[2] * x.shape[3]).expand(x.shape[0])
+        return z, (logdet * _positions(x)).expand(x.shape[0])
 
     def inverse(self, z, context=None, *, temperature=1.0):
         return _conv1x1_float32(z, torch.linalg.inv(self.weight.double()))
@@ -63,7 +80,7 @@ class InvertibleConv1x1LU(Transform):
 
     def forward(self, x, context=None):
         z = _conv1x1_float32(x, self.weight())
-        return z, (self.log_s.to(compute_dtype(x)).sum() * x.shape[2] * x.shape[3]).expand(x.shape[0])
+        return z, (self.log_s.to(compute_dtype(x)).sum() * _positions(x)).expand(x.shape[0])
 
     def inverse(self, z, context=None, *, temperature=1.0):
         return _conv1x1_float32(z, torch.linalg.inv(self.weight().double()))

@@ -4,12 +4,16 @@ ScaleShift:  y = a * x + b,                      log|det| = D log|a|
 Logit (RealNVP §4.1, Flow++, Residual Flows): for x in [0, 1),
     p = alpha + (1 - 2 alpha) x,   y = log p - log(1 - p)
     log|det| = sum [ log(1 - 2 alpha) - log p - log(1 - p) ]
+    (alpha = 0.05 is Flow++'s ImgProc: x * 0.9 + 0.05, then logit)
+Sigmoid (Flow++ dequantizer's last layer): y = sigmoid(x),
+    log|det| = sum [ -softplus(x) - softplus(-x) ]
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 from models.core.transform import Transform, compute_dtype, sum_except_batch
 
@@ -45,3 +49,13 @@ class Logit(Transform):
 
     def inverse(self, z, context=None, *, temperature=1.0):
         return (torch.sigmoid(z) - self.alpha) / (1 - 2 * self.alpha)
+
+
+class Sigmoid(Transform):
+    def forward(self, x, context=None):
+        xc = x.to(compute_dtype(x))
+        ldj = sum_except_batch(-F.softplus(xc) - F.softplus(-xc))
+        return torch.sigmoid(x), ldj
+
+    def inverse(self, z, context=None, *, temperature=1.0):
+        return torch.log(z) - torch.log1p(-z)
