@@ -7,6 +7,7 @@ import importlib
 
 ARCHITECTURES = {
     "glow": "models.architectures.glow",
+    "resflow": "models.architectures.resflow",
     "flowpp": "models.architectures.flowpp",
     "realnvp": "models.architectures.realnvp",
 }

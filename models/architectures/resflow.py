@@ -1,0 +1,163 @@
+"""Residual Flows (Chen et al. 2019) and i-ResNet (Behrmann et al. 2019) as Flows.
+
+    x (integers) -> uniform dequantization -> logit(alpha + (1 - 2 alpha) x), alpha = 0.05
+    [ActNorm]                                           (first_resblock: before the first block)
+    for scale s = 1..S:
+        blocks[s] x [iResBlock(conv net 3-1-3, hidden channels) -> ActNorm]
+        squeeze (not after the last scale)
+    fc_end: fc_blocks x [iResBlock(fully connected net, fc_hidden) -> element-wise ActNorm]
+    base: N(0, I)                                       (no factor-out: CIFAR-10 official)
+
+With blocks [16, 16, 16], 512 hidden channels, LipSwish, coeff 0.98 and 4 FC blocks of
+128 this is the official CIFAR-10 model (rtqichen/residual-flows ``train_img.py``
+defaults, ../shared/papers.md §5): 25,174,129 parameters here, 25,174,233 in the
+official code, which also registers the roulette settings (``lamb`` and ``geom_p``) of
+each of its 52 blocks as ``nn.Parameter``s (2 x 52 = 104 scalars that never receive a
+gradient); here they are config floats.
+
+The model is a :class:`Flow` with the trainer hooks this family needs:
+``data_init`` (power iterations to tolerance, then ActNorm's init), ``after_optimizer_step``
+(power iterations of every spectrally normalised layer, see ``models.nets.lipschitz``
+for why that keeps ranks identical) and ``diagnostics``
+(roulette terms of the last forward, fixed-point iterations and residual of the last
+inverse, power iterations and the largest normalised sigma).
+"""
+from __future__ import annotations
+
+import torch
+
+from models.core.distributions import StandardNormal
+from models.core.flow import Flow
+from models.nets.lipschitz import SpectralNormBase
+from models.nets.resflow_nets import ConvResidualNet, FCResidualNet
+from models.transforms.bijections.actnorm import ActNorm
+from models.transforms.bijections.elementwise import Logit
+from models.transforms.bijections.squeeze import Squeeze
+from models.transforms.residual.iresblock import InvertibleResidualBlock
+from models.transforms.surjections.uniform_dequantization import UniformDequantization
+
+DEFAULTS = {
+    "blocks": [16, 16, 16],        # residual blocks per scale (squeeze between scales)
+    "hidden_channels": 512,        # idim of the conv nets
+    "kernels": "3-1-3",            # kernel sizes of the conv net's layers
+    "activation": "lipswish",      # lipswish | elu | relu
+    "preact": True,                # activation before the first conv (not for the model's first block)
+    "first_resblock": True,        # ActNorm before the first block, no pre-activation in it
+    "actnorm": True,               # ActNorm after every block
+    "fc_end": True,                # fully connected blocks at the end of the last scale
+    "fc_blocks": 4,
+    "fc_hidden": 128,
+    "coeff": 0.98,                 # Lipschitz coefficient of every linear/conv layer
+    "lipschitz_norm": "2",         # p of the induced norms: one digit for every layer boundary ("2": spectral
+                                   # norms), or one per boundary for mixed norms (the official vnorms, e.g. "2332")
+    "sn_atol": 1e-3,               # power iteration stops at this tolerance ...
+    "sn_rtol": 1e-3,
+    "sn_max_iters": 2000,          # ... or this many iterations (tolerances 0: exactly this many)
+    "estimator": "roulette",       # roulette (unbiased) | truncated (i-ResNet, biased) | exact (tiny inputs)
+    "roulette_dist": "poisson",    # poisson | geometric
+    "poisson_lambda": 2.0,
+    "geometric_p": 0.5,
+    "n_exact_terms": 2,            # exact terms before the roulette tail, training
+    "n_exact_terms_eval": 20,      # ... in eval mode (test bits/dim)
+    "n_power_series": 5,           # terms of the truncated estimator
+    "neumann_grad": True,          # Neumann-series gradient of the log-det
+    "mem_efficient": True,         # log-det gradient computed in the forward pass
+    "logit_alpha": 0.05,
+    "inverse_atol": 1e-5,          # fixed-point inverse tolerance ...
+    "inverse_rtol": 1e-5,
+    "inverse_max_iters": 100,      # ... and iteration cap
+    "dequantization": "uniform",
+}
+
+CHOICES = {
+    "activation": ("lipswish", "elu", "relu"),
+    "estimator": ("roulette", "truncated", "exact"),
+    "roulette_dist": ("poisson", "geometric"),
+    "dequantization": ("uniform",),
+}
+
+
+class ResidualFlow(Flow):
+    """A Flow whose spectrally normalised layers are refined after every optimizer step."""
+
+    def _sn_layers(self):
+        return [m for m in self.modules() if isinstance(m, SpectralNormBase)]
+
+    def _blocks(self):
+        return [t for t in self.transforms if isinstance(t, InvertibleResidualBlock)]
+
+    @torch.no_grad()
+    def data_init(self, x: torch.Tensor) -> None:
+        """Converge every power iteration (to tolerance or sn_max_iters), then ActNorm's init."""
+        self.after_optimizer_step()
+        super().data_init(x)
+
+    def after_optimizer_step(self) -> None:
+        for layer in self._sn_layers():
+            layer.power_iteration()
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict:
+        blocks, sn = self._blocks(), self._sn_layers()
+        out = {}
+        if blocks:
+            out["resflow/series_terms_mean"] = sum(b.last_terms for b in blocks) / len(blocks)
+            out["resflow/inverse_iters_max"] = max(b.last_inverse_iters for b in blocks)
+            out["resflow/inverse_residual_max"] = max(b.last_inverse_residual for b in blocks)
+        if sn:
+            out["resflow/power_iters_max"] = max(m.last_iters for m in sn)
+            out["resflow/sigma_over_coeff_max"] = max(float(m.sigma().detach()) / m.coeff for m in sn)
+        return out
+
+
+def _block(cfg: dict, net) -> InvertibleResidualBlock:
+    return InvertibleResidualBlock(
+        net, estimator=cfg["estimator"], dist=cfg["roulette_dist"], poisson_lambda=cfg["poisson_lambda"],
+        geometric_p=cfg["geometric_p"], n_exact=cfg["n_exact_terms"], n_exact_eval=cfg["n_exact_terms_eval"],
+        n_terms=cfg["n_power_series"], neumann_grad=cfg["neumann_grad"], mem_efficient=cfg["mem_efficient"],
+        inverse_atol=cfg["inverse_atol"], inverse_rtol=cfg["inverse_rtol"], inverse_max_iters=cfg["inverse_max_iters"])
+
+
+def build(cfg: dict, data_shape: tuple[int, int, int], num_bits: int) -> Flow:
+    blocks = list(cfg["blocks"])
+    if not blocks or any(not isinstance(n, int) or n < 0 for n in blocks):
+        raise ValueError(f"model.blocks must be a non-empty list of block counts, got {blocks}")
+    try:
+        kernels = tuple(int(k) for k in str(cfg["kernels"]).split("-"))
+    except ValueError:
+        raise ValueError(f"model.kernels must look like '3-1-3', got {cfg['kernels']!r}") from None
+    if len(kernels) < 2 or any(k % 2 == 0 for k in kernels):
+        raise ValueError(f"model.kernels needs at least two odd kernel sizes, got {cfg['kernels']!r}")
+    c, h, w = data_shape
+    n_squeeze = len(blocks) - 1
+    if h % 2 ** n_squeeze or w % 2 ** n_squeeze:
+        raise ValueError(f"image size {h}x{w} is not divisible by 2^{n_squeeze} (one squeeze between scales)")
+    vnorms = str(cfg["lipschitz_norm"])
+    vnorms = vnorms * (len(kernels) + 1) if len(vnorms) == 1 else vnorms
+    if len(vnorms) != len(kernels) + 1 or not all(ch in "23456789" for ch in vnorms) or vnorms[0] != vnorms[-1]:
+        raise ValueError(f"model.lipschitz_norm must be one digit or {len(kernels) + 1} digits in 2..9, the first "
+                         f"equal to the last (the 1- and inf-norms are not implemented), got {cfg['lipschitz_norm']!r}")
+    sn = {"coeff": cfg["coeff"], "atol": cfg["sn_atol"], "rtol": cfg["sn_rtol"], "max_iters": cfg["sn_max_iters"],
+          "norms": tuple(float(ch) for ch in vnorms)}
+    transforms = [UniformDequantization(num_bits), Logit(cfg["logit_alpha"])]
+    shape = tuple(data_shape)
+    first = cfg["first_resblock"]
+    if first and cfg["actnorm"]:
+        transforms.append(ActNorm(shape[0]))
+    for scale, n_blocks in enumerate(blocks):
+        for i in range(n_blocks):
+            preact = cfg["preact"] and not (first and scale == 0 and i == 0)
+            net = ConvResidualNet(shape, cfg["hidden_channels"], kernels, cfg["activation"], preact, **sn)
+            transforms.append(_block(cfg, net))
+            if cfg["actnorm"]:
+                transforms.append(ActNorm(shape[0]))
+        if scale < len(blocks) - 1:
+            transforms.append(Squeeze())
+            shape = transforms[-1].output_shape(shape)
+    if cfg["fc_end"]:
+        for _ in range(cfg["fc_blocks"]):
+            net = FCResidualNet(shape, cfg["fc_hidden"], len(kernels), cfg["activation"], cfg["preact"], **sn)
+            transforms.append(_block(cfg, net))
+            if cfg["actnorm"]:
+                transforms.append(ActNorm(shape[0], spatial_shape=tuple(shape[1:])))
+    return ResidualFlow(transforms, StandardNormal(shape), data_shape)

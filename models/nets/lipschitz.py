@@ -1,0 +1,252 @@
+"""Lipschitz-constrained layers for invertible residual blocks (Behrmann et al. 2019,
+i-ResNet §3; Chen et al. 2019, Residual Flows §4 and App. D).
+
+Spectral normalisation by power iteration (Miyato et al. 2018, in the "soft" form of
+Residual Flows): for a linear operator W (a dense matrix, or a convolution acting on
+inputs of a fixed shape (C, H, W), including its padding),
+
+    v <- W^T u / ||W^T u||,   u <- W v / ||W v||        (power iteration on W^T W)
+    sigma = u^T W v  ~= ||W||_2                         (a lower bound, tight at convergence)
+    W_hat = W / max(1, sigma / coeff)                    so ||W_hat||_2 <= coeff
+
+The weight is only rescaled when its norm exceeds ``coeff`` (0.98 for Residual Flows,
+0.9 for i-ResNet).  With LipSwish (or ELU/ReLU) between layers, each 1-Lipschitz,
+Lip(g) <= prod_l ||W_hat_l||_2 <= coeff^L < 1.
+
+State and consistency
+---------------------
+``u`` and ``v`` are buffers: they are saved in checkpoints (a resumed run continues
+from the same vectors) and copied, not averaged, by EMA.  ``forward`` never changes
+them: in training it uses the stored vectors (sigma = u^T W v is differentiable in W,
+so the gradient sees the normalisation); the vectors are refined in
+:meth:`power_iteration`, which the model calls from the trainer's
+``after_optimizer_step`` hook, i.e. once after every optimizer step, until the RMS change
+of both vectors falls below ``atol + rtol * max|vector|`` or ``max_iters`` is reached.
+
+Under DDP every rank holds identical weights after the optimizer step (gradients are
+all-reduced) and identical ``u, v`` (same initial vectors from the seeded build, same
+checkpoint on resume), and power iteration is deterministic (no random draws, a
+data-independent stopping rule evaluated on identical numbers), so the vectors stay
+identical on every rank without any communication; the trainer does not broadcast
+buffers.  Lipschitz coefficients are plain floats, never parameters (a parameter
+without gradient breaks DDP).
+
+In eval mode (test bits/dim, sampling, possibly with EMA weights swapped in) the stored
+vectors may lag the weights, so sigma is refined by power iteration on local copies of
+the vectors (buffers untouched) and cached for as long as the weight and the buffers
+are unchanged (``Tensor._version``): a pure function of (W, u, v).
+
+Induced mixed norms (Residual Flows §4.3 / App. D, ``vnorms``): with ``domain = p`` and
+``codomain = q`` the same iteration, generalised with dual vectors (see ``_iterate``),
+estimates ||W||_{p->q}, and W is rescaled so that ||W_hat||_{p->q} <= coeff.  Chaining
+layers whose codomain is the next layer's domain, with first domain = last codomain,
+bounds Lip(g) in that norm (element-wise 1-Lipschitz activations are 1-Lipschitz in every
+p-norm).  Only 1 < p, q < inf; the 1- and inf-norm cases (closed-form in the official code)
+and learnable p are not implemented.  The default is the 2-norm everywhere ('2222').
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LipSwish(nn.Module):
+    """LipSwish (Residual Flows §4.2): f(x) = x * sigmoid(softplus(beta) x) / 1.1.
+
+    Swish's derivative is bounded by about 1.0998 for any slope, so dividing by 1.1 makes
+    it 1-Lipschitz; beta (init 0.5, one scalar per activation) is learned.
+    """
+
+    def __init__(self, beta: float = 0.5):
+        super().__init__()
+        self.beta = nn.Parameter(torch.tensor([float(beta)]))
+
+    def forward(self, x):
+        return x * torch.sigmoid(x * F.softplus(self.beta).to(x.dtype)) / 1.1
+
+
+def _conjugate(r: float) -> float:
+    """r* with 1/r + 1/r* = 1."""
+    return r / (r - 1.0)
+
+
+def _normalize(x: torch.Tensor, r: float) -> torch.Tensor:
+    return x / x.norm(p=r).clamp_min(1e-30)
+
+
+def _dual(x: torch.Tensor, r: float) -> torch.Tensor:
+    """The unit r*-norm vector d with <d, x> = ||x||_r:  d = sign(x) |x|^(r-1) / ||x||_r^(r-1)."""
+    if r == 2.0:
+        return F.normalize(x, dim=0)
+    y = x / x.abs().max().clamp_min(1e-30)  # scale-free, avoids overflow of |x|^(r-1)
+    d = y.sign() * y.abs().pow(r - 1.0)
+    return _normalize(d, _conjugate(r))
+
+
+class SpectralNormBase(nn.Module):
+    """Shared power-iteration logic; subclasses define the operator W and its adjoint."""
+
+    def __init__(self, coeff: float, atol: float, rtol: float, max_iters: int, init_iters: int,
+                 domain: float = 2.0, codomain: float = 2.0):
+        # init_iters: power iterations at construction (cheap: the model's data_init hook
+        # then runs them to the tolerance before training starts)
+        super().__init__()
+        if not 0 < coeff:
+            raise ValueError("spectral normalisation needs coeff > 0")
+        for r in (domain, codomain):
+            if not 1.0 < float(r) < math.inf:
+                raise ValueError(f"induced norms need 1 < p < inf, got {r} (the 1- and inf-norms are not implemented)")
+        self.domain, self.codomain = float(domain), float(codomain)
+        self.coeff, self.atol, self.rtol = float(coeff), float(atol), float(rtol)
+        self.max_iters, self.init_iters = int(max_iters), int(init_iters)
+        self.last_iters = 0  # diagnostics only
+        self._eval_cache = None
+
+    def _reset_weight(self, fan_in: int) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(fan_in)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def _init_vectors(self, u_numel: int, v_numel: int) -> None:
+        self.register_buffer("u", _normalize(torch.randn(u_numel), _conjugate(self.codomain)))
+        self.register_buffer("v", _normalize(torch.randn(v_numel), self.domain))
+        self.power_iteration(self.init_iters)
+
+    # operator interface: W v (flat -> flat) and W^T u
+    def _mv(self, weight, v):
+        raise NotImplementedError
+
+    def _rmv(self, weight, u):
+        raise NotImplementedError
+
+    def _iterate(self, weight, u, v, max_iters: int, atol: float, rtol: float):
+        """Power iteration from (u, v); returns refined copies and the iterations used.
+
+        Generalised to ||W||_{p->q} (p = domain, q = codomain; Boyd 1974, Higham 1992):
+            v <- dual_{p*}(W^T u)    (the unit p-norm vector maximising <v, W^T u>)
+            u <- dual_q(W v)         (the unit q*-norm vector with <u, W v> = ||W v||_q)
+        so u^T W v = ||W v||_q / ||v||_p, a lower bound on ||W||_{p->q}, increasing along the
+        iteration.  For p = q = 2 both duals are x / ||x||_2: plain power iteration."""
+        p_star = _conjugate(self.domain)
+        it = 0
+        for it in range(1, max_iters + 1):
+            v_new = _dual(self._rmv(weight, u), p_star)
+            u_new = _dual(self._mv(weight, v_new), self.codomain)
+            err_u = (u_new - u).norm() / math.sqrt(u.numel())
+            err_v = (v_new - v).norm() / math.sqrt(v.numel())
+            u, v = u_new, v_new
+            if atol > 0 or rtol > 0:
+                if err_u <= atol + rtol * u.abs().max() and err_v <= atol + rtol * v.abs().max():
+                    break
+        return u, v, it
+
+    @torch.no_grad()
+    def power_iteration(self, max_iters: int | None = None) -> int:
+        """Refine the stored (u, v) for the current weight; returns the iterations used."""
+        if self.weight.is_meta:  # built on the meta device (parameter counting): nothing to compute
+            return 0
+        weight = self.weight.detach().to(self.u.dtype)
+        u, v, it = self._iterate(weight, self.u, self.v, self.max_iters if max_iters is None else max_iters,
+                                 self.atol, self.rtol)
+        self.u.copy_(u)
+        self.v.copy_(v)
+        self.last_iters = it
+        return it
+
+    def sigma(self) -> torch.Tensor:
+        """u^T W v with the stored vectors (differentiable in W)."""
+        return torch.dot(self.u.to(self.weight.dtype), self._mv(self.weight, self.v.to(self.weight.dtype)))
+
+    def _eval_sigma(self) -> torch.Tensor:
+        key = (self.weight._version, self.weight.data_ptr(), self.u._version, self.v._version, self.weight.dtype)
+        if self._eval_cache is None or self._eval_cache[0] != key:
+            with torch.no_grad():
+                w = self.weight.detach()
+                u, v, _ = self._iterate(w, self.u.to(w.dtype), self.v.to(w.dtype), self.max_iters, self.atol, self.rtol)
+                s = torch.dot(u, self._mv(w, v))
+            self._eval_cache = (key, s)
+        return self._eval_cache[1]
+
+    def normalized_weight(self) -> torch.Tensor:
+        """W / max(1, sigma / coeff)."""
+        sigma = self.sigma() if self.training else self._eval_sigma()
+        factor = torch.clamp(sigma / self.coeff, min=1.0)
+        return self.weight / factor
+
+
+class SpectralNormLinear(SpectralNormBase):
+    """y = W_hat x + b with ||W_hat||_{domain->codomain} <= coeff (see the module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, coeff: float = 0.98, atol: float = 1e-3,
+                 rtol: float = 1e-3, max_iters: int = 2000, init_iters: int = 10, domain: float = 2.0,
+                 codomain: float = 2.0):
+        super().__init__(coeff, atol, rtol, max_iters, init_iters, domain, codomain)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features))
+        self._reset_weight(in_features)
+        self._init_vectors(out_features, in_features)
+
+    def _mv(self, weight, v):
+        return torch.mv(weight, v)
+
+    def _rmv(self, weight, u):
+        return torch.mv(weight.t(), u)
+
+    def forward(self, x):
+        return F.linear(x, self.normalized_weight().to(x.dtype), self.bias.to(x.dtype))
+
+    def extra_repr(self):
+        return (f"{self.in_features}, {self.out_features}, coeff={self.coeff}, norms={self.domain}->{self.codomain}, "
+                f"atol={self.atol}, rtol={self.rtol}")
+
+
+class SpectralNormConv2d(SpectralNormBase):
+    """Stride-1 'same' convolution with operator 2-norm <= coeff on inputs of ``in_shape``.
+
+    The norm of a convolution depends on the input size and the zero padding, so the
+    power iteration runs on the operator itself (conv2d / conv_transpose2d on one image
+    of shape ``in_shape``), not on the reshaped kernel.  A 1x1 convolution is exactly a
+    matrix acting on channels, so its vectors have C_out / C_in entries.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, in_shape: tuple[int, int, int],
+                 coeff: float = 0.98, atol: float = 1e-3, rtol: float = 1e-3, max_iters: int = 2000,
+                 init_iters: int = 10, domain: float = 2.0, codomain: float = 2.0):
+        super().__init__(coeff, atol, rtol, max_iters, init_iters, domain, codomain)
+        if kernel_size % 2 != 1:
+            raise ValueError("SpectralNormConv2d needs an odd kernel size ('same' padding)")
+        c, h, w = in_shape
+        if c != in_channels:
+            raise ValueError(f"in_shape {in_shape} does not have {in_channels} channels")
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.padding, self.spatial = kernel_size // 2, (h, w)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_channels))
+        self._reset_weight(in_channels * kernel_size * kernel_size)
+        if kernel_size == 1:
+            self._init_vectors(out_channels, in_channels)
+        else:
+            self._init_vectors(out_channels * h * w, in_channels * h * w)
+
+    def _mv(self, weight, v):
+        if self.kernel_size == 1:
+            return torch.mv(weight.reshape(self.out_channels, self.in_channels), v)
+        out = F.conv2d(v.reshape(1, self.in_channels, *self.spatial), weight, padding=self.padding)
+        return out.reshape(-1)
+
+    def _rmv(self, weight, u):
+        if self.kernel_size == 1:
+            return torch.mv(weight.reshape(self.out_channels, self.in_channels).t(), u)
+        out = F.conv_transpose2d(u.reshape(1, self.out_channels, *self.spatial), weight, padding=self.padding)
+        return out.reshape(-1)
+
+    def forward(self, x):
+        return F.conv2d(x, self.normalized_weight().to(x.dtype), self.bias.to(x.dtype), padding=self.padding)
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, in_hw={self.spatial}, "
+                f"coeff={self.coeff}, norms={self.domain}->{self.codomain}, atol={self.atol}, rtol={self.rtol}")

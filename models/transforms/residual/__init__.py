@@ -1,0 +1,1 @@
+"""Invertible residual blocks (i-ResNet, Residual Flows) and their log-det estimators."""

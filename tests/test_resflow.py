@@ -1,0 +1,369 @@
+"""Tests of Residual Flows / i-ResNet (models/architectures/resflow.py, models/transforms/residual,
+models/nets/lipschitz.py): Lipschitz constraint, unbiasedness of the roulette log-det,
+the memory-efficient backward, the fixed-point inverse, gradients, parameter count and
+a short training run through train.py."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine.config import load_config
+from models.architectures import build_model, resflow
+from models.nets.lipschitz import LipSwish, SpectralNormConv2d, SpectralNormLinear
+from models.nets.resflow_nets import ConvResidualNet, FCResidualNet
+from models.transforms.bijections.actnorm import ActNorm
+from models.transforms.residual.iresblock import InvertibleResidualBlock
+from models.transforms.residual.logdet_estimators import exact_logdet, roulette_weights, survival
+from tests.helpers import assert_all_parameters_get_gradient, assert_invertible, assert_ldj_matches_jacobian
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUBSET = os.path.join(ROOT, "..", "shared", "data", "cifar10_subset.npz")
+SHAPE = (3, 4, 4)
+
+
+def tiny_resflow(**overrides):
+    cfg = {"name": "resflow", **resflow.DEFAULTS, "blocks": [1, 1], "hidden_channels": 8, "fc_blocks": 1,
+           "fc_hidden": 8, **overrides}
+    return build_model(cfg, SHAPE, 8).to(torch.get_default_dtype())
+
+
+def images(n):
+    return torch.randint(0, 256, (n, *SHAPE)).to(torch.get_default_dtype())
+
+
+def blocks_of(model):
+    return [t for t in model.transforms if isinstance(t, InvertibleResidualBlock)]
+
+
+def strong_block(shape=(2, 3, 3), hidden=8, fc=False, coeff=0.98, **kw):
+    """A block whose layers all sit at the coefficient (weights scaled up, then normalised),
+    so Lip(g) is close to coeff^3 and the series has a real tail."""
+    net = (FCResidualNet if fc else ConvResidualNet)(shape, hidden, coeff=coeff, atol=1e-6, rtol=1e-6, max_iters=200)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (SpectralNormConv2d, SpectralNormLinear)):
+                m.weight.mul_(5.0)
+                m.power_iteration()
+    return InvertibleResidualBlock(net, **kw)
+
+
+def linear_regime_block(**kw):
+    """An FC block on 2x3x3 inputs whose g is affine near x ~ N(0, 1): ELU layers fed large
+    positive pre-activations (derivative 1), so J = 0.9^3 W3 W2 W1 with orthogonal W_l.
+    log det(I + J) is then of order one and the power series has a long tail."""
+    d = 18
+    net = FCResidualNet((2, 3, 3), d, activation="elu", preact=False, coeff=0.9, atol=1e-10, rtol=1e-10,
+                        max_iters=1000)
+    layers = [m for m in net.modules() if isinstance(m, SpectralNormLinear)]
+    with torch.no_grad():
+        for m, b in zip(layers, (5.0, 30.0, 0.0)):
+            m.weight.copy_(torch.linalg.qr(torch.randn(d, d))[0])
+            m.bias.fill_(b)
+            m.power_iteration()
+    return InvertibleResidualBlock(net, **kw)
+
+
+def jacobian_spectral_norm(fn, x, iters=50):
+    """Largest singular value of the Jacobian of fn at each example of x, shape (B,): power
+    iteration on J^T J with autograd (J^T w by a vector-Jacobian product, J v by the
+    double-vjp trick), never reading the layers' stored sigma."""
+    x = x.detach().requires_grad_(True)
+    y = fn(x)
+    dummy = torch.zeros_like(y, requires_grad=True)
+    jt_dummy = torch.autograd.grad(y, x, dummy, create_graph=True)[0]  # J^T dummy, linear in dummy
+
+    def jv(v):
+        return torch.autograd.grad(jt_dummy, dummy, v, retain_graph=True)[0]
+
+    def jtw(w):
+        return torch.autograd.grad(y, x, w, retain_graph=True)[0]
+
+    def unit(t):
+        return t / t.flatten(1).norm(dim=1).reshape(-1, *[1] * (t.dim() - 1))
+
+    v = unit(torch.randn_like(x))
+    for _ in range(iters):
+        v = unit(jtw(jv(v)))
+    return jv(v).flatten(1).norm(dim=1)
+
+
+# ---- Lipschitz layers ------------------------------------------------------------------------
+
+def test_spectral_norm_matches_svd_for_linear_and_conv(float64):
+    lin = SpectralNormLinear(6, 5, coeff=0.5, atol=1e-9, rtol=1e-9, max_iters=5000)
+    lin.power_iteration()
+    assert lin.sigma().item() == pytest.approx(torch.linalg.matrix_norm(lin.weight, 2).item(), rel=1e-6)
+    assert torch.linalg.matrix_norm(lin.normalized_weight(), 2).item() <= 0.5 * (1 + 1e-6)
+    conv = SpectralNormConv2d(2, 3, 3, (2, 4, 4), coeff=0.5, atol=1e-9, rtol=1e-9, max_iters=5000)
+    conv.power_iteration()
+    # the conv operator on 2x4x4 inputs (zero padding) as a 48 x 32 matrix
+    eye = torch.eye(32).reshape(32, 2, 4, 4)
+    mat = torch.nn.functional.conv2d(eye, conv.weight, padding=1).reshape(32, 48).T
+    assert conv.sigma().item() == pytest.approx(torch.linalg.matrix_norm(mat, 2).item(), rel=1e-5)
+    # buffers (saved in checkpoints), coefficient a plain float (never a parameter)
+    assert {"u", "v"} <= set(dict(conv.named_buffers())) and isinstance(conv.coeff, float)
+    assert {n for n, _ in conv.named_parameters()} == {"weight", "bias"}
+
+
+def test_induced_mixed_norms(float64):
+    # ||D||_{p->p} = max |d_i| for a diagonal D, for every p
+    lin = SpectralNormLinear(5, 5, coeff=0.5, atol=1e-12, rtol=1e-12, max_iters=5000, domain=3.0, codomain=3.0)
+    with torch.no_grad():
+        lin.weight.copy_(torch.diag(torch.tensor([0.3, -2.0, 1.0, 0.5, 1.5])))
+    lin.power_iteration()
+    assert lin.sigma().item() == pytest.approx(2.0, rel=1e-6)
+    # a general 2->3 norm: the estimate beats random search, and W_hat respects coeff on random inputs
+    lin = SpectralNormLinear(6, 4, coeff=0.5, atol=1e-12, rtol=1e-12, max_iters=5000, domain=2.0, codomain=3.0)
+    lin.power_iteration()
+    x = torch.randn(20000, 6)
+    ratios = torch.linalg.vector_norm(x @ lin.weight.T, 3, dim=1) / torch.linalg.vector_norm(x, 2, dim=1)
+    assert lin.sigma().item() >= ratios.max().item() * (1 - 1e-9)
+    ratios_hat = torch.linalg.vector_norm(x @ lin.normalized_weight().T, 3, dim=1) / x.norm(dim=1)
+    assert ratios_hat.max().item() <= 0.5 * (1 + 1e-9)
+    # a mixed-norm model builds and trains one step
+    model = tiny_resflow(lipschitz_norm="3223")
+    model.data_init(images(8))
+    (-model.log_prob(images(8)).mean()).backward()
+    model.after_optimizer_step()
+    with pytest.raises(ValueError, match="lipschitz_norm"):
+        tiny_resflow(lipschitz_norm="2333")
+
+
+def test_lipswish_is_1_lipschitz():
+    act = LipSwish()
+    x = torch.linspace(-10, 10, 20001, requires_grad=True)
+    for beta in (-3.0, 0.5, 5.0):
+        with torch.no_grad():
+            act.beta.fill_(beta)
+        (d,) = torch.autograd.grad(act(x).sum(), x)
+        assert d.abs().max().item() <= 1.0
+
+
+def test_lipschitz_constant_stays_below_coeff_after_training_steps():
+    torch.manual_seed(0)
+    model = tiny_resflow(coeff=0.98)
+    x = images(8)
+    model.data_init(x)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)  # large steps: weights grow past the coefficient
+    for _ in range(5):
+        loss = -model.log_prob(x).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.after_optimizer_step()
+    assert model.diagnostics()["resflow/sigma_over_coeff_max"] > 1.0  # the normalisation is active
+    z = x / 256.0
+    for t in model.transforms[1:]:
+        if isinstance(t, InvertibleResidualBlock):
+            lip = jacobian_spectral_norm(t.net, z.detach()).max().item()
+            assert lip < 0.98, f"Lip(g) = {lip:.4f} >= coeff"
+        with torch.no_grad():
+            z, _ = t(z)
+
+
+# ---- log-det estimators --------------------------------------------------------------------------
+
+def test_roulette_weights_and_survival():
+    assert survival("poisson", 2.0, 0) == 1.0
+    assert survival("poisson", 2.0, 1) == pytest.approx(1 - math.exp(-2))
+    assert survival("poisson", 2.0, 3) == pytest.approx(1 - math.exp(-2) * (1 + 2 + 2))
+    assert survival("geometric", 0.5, 3) == pytest.approx(0.25)
+    assert roulette_weights(2, 2, "poisson", 2.0)[:3] == [1.0, 1.0, 1.0]
+
+
+def test_exact_estimator_matches_autograd_jacobian(float64):
+    block = strong_block(estimator="exact", shape=(1, 3, 3), hidden=4)
+    assert_ldj_matches_jacobian(block, torch.randn(2, 1, 3, 3), atol=1e-9)
+
+
+@pytest.mark.parametrize("dist", ["poisson", "geometric"])
+def test_roulette_estimator_is_unbiased(float64, dist):
+    torch.manual_seed(1)
+    block = linear_regime_block(estimator="roulette", dist=dist, n_exact=2)
+    x = torch.randn(2, 2, 3, 3)
+    with torch.enable_grad():
+        xg = x.clone().requires_grad_(True)
+        exact = exact_logdet(block.net(xg), xg).detach()
+    reps, calls = 64, 150
+    means = []
+    with torch.no_grad():
+        for i in range(calls):
+            torch.manual_seed(100 + i)  # seeded: N and the probes of call i
+            _, ldj = block(x.repeat(reps, 1, 1, 1))
+            means.append(ldj.reshape(reps, 2).mean(0))
+    means = torch.stack(means)  # one N per call: calls are the independent samples
+    mean, se = means.mean(0), means.std(0) / math.sqrt(calls)
+    assert bool(((mean - exact).abs() <= 4 * se).all()), (mean, exact, se)
+    assert bool((exact.abs() > 10 * se).all()), (exact, se)  # the test has power
+    # i-ResNet's fixed truncation after 1 term (the trace) is biased: its expectation is tr(J)
+    truncated = linear_regime_block(estimator="truncated", n_terms=1, dist=dist)
+    truncated.load_state_dict(block.state_dict())
+    with torch.enable_grad():
+        xg = x.clone().requires_grad_(True)
+        gx = truncated.net(xg)
+        jac = torch.stack([torch.autograd.grad(gx.flatten(1)[:, i].sum(), xg, retain_graph=True)[0].flatten(1)
+                           for i in range(18)], 1)
+    trace = jac.diagonal(dim1=1, dim2=2).sum(1)
+    assert bool(((trace - exact).abs() > 0.1).all()), (trace, exact)
+
+
+def test_eval_mode_uses_the_test_time_exact_terms():
+    block = strong_block(estimator="roulette", n_exact=2, n_exact_eval=20)
+    x = torch.randn(2, 2, 3, 3)
+    block.train()
+    with torch.no_grad():
+        block(x)
+    assert 2 <= block.last_terms < 20  # 2 + N, N ~ Poisson(2)
+    block.eval()
+    with torch.no_grad():
+        block(x)
+    assert block.last_terms >= 20  # 20 + N
+    # the model-level diagnostics report it
+    model = tiny_resflow()
+    model.data_init(images(8))
+    model.eval()
+    with torch.no_grad():
+        model.log_prob(images(4))
+    assert model.diagnostics()["resflow/series_terms_mean"] >= 20
+
+
+def test_memory_efficient_backward_gives_the_same_gradient(float64):
+    torch.manual_seed(0)
+    model = tiny_resflow()
+    x = images(8)
+    model.data_init(x)
+    grads = {}
+    for name, mem, neumann in [("mem", True, True), ("plain", False, True), ("series", False, False)]:
+        for b in blocks_of(model):
+            b.mem_efficient, b.neumann_grad = mem, neumann
+        torch.manual_seed(5)
+        model.zero_grad(set_to_none=True)
+        logp = model.log_prob(x)
+        (-logp.mean()).backward()
+        grads[name] = (logp.detach(), [p.grad.clone() for p in model.parameters()])
+    for name in ("plain", "series"):
+        assert torch.allclose(grads["mem"][0], grads[name][0], rtol=0, atol=1e-10)  # same value, same seed
+    for a, b in zip(grads["mem"][1], grads["plain"][1]):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
+    # the Neumann gradient is a different (unbiased) estimator than backprop through the series
+    diff = max((a - b).abs().max().item() for a, b in zip(grads["mem"][1], grads["series"][1]))
+    assert diff > 0
+
+
+def test_memory_efficient_backward_refuses_unequal_weights():
+    block = strong_block(estimator="roulette", mem_efficient=True)
+    x = torch.randn(2, 2, 3, 3, requires_grad=True)
+    y, ldj = block(x)
+    with pytest.raises(RuntimeError, match="equal loss weights"):
+        (ldj * torch.tensor([1.0, 2.0])).sum().backward()
+
+
+# ---- inverse -----------------------------------------------------------------------------------
+
+def test_fixed_point_inverse_reconstructs_to_tolerance(float64):
+    for fc in (False, True):
+        block = strong_block(fc=fc, inverse_atol=1e-10, inverse_rtol=1e-10, inverse_max_iters=1000)
+        assert_invertible(block, torch.randn(4, 2, 3, 3), atol=1e-8)
+        assert 1 < block.last_inverse_iters < 1000 and block.last_inverse_residual < 1e-9
+    block = strong_block(inverse_max_iters=3)  # the cap holds
+    with torch.no_grad():
+        block.inverse(torch.randn(4, 2, 3, 3))
+    assert block.last_inverse_iters == 3
+
+
+def test_model_inverse_and_sampling(float64):
+    model = tiny_resflow(inverse_atol=1e-9, inverse_rtol=1e-9)
+    model.data_init(images(16))
+    model.eval()
+    x = images(4)
+    with torch.no_grad():
+        y, _ = model.transforms[0](x)  # dequantize once; the rest is a bijection
+        z = y
+        for t in model.transforms[1:]:
+            z, _ = t(z)
+        y_rec = z
+        for t in reversed(list(model.transforms)[1:]):
+            y_rec = t.inverse(y_rec)
+    assert (y_rec - y).abs().max().item() < 1e-6
+    diag = model.diagnostics()
+    assert diag["resflow/inverse_iters_max"] >= 1 and diag["resflow/inverse_residual_max"] < 1e-6
+    samples = model.sample(3)
+    assert samples.shape == (3, *SHAPE) and torch.isfinite(samples).all()
+
+
+# ---- model -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mem_efficient", [True, False])
+def test_every_parameter_receives_a_gradient(mem_efficient):
+    model = tiny_resflow(mem_efficient=mem_efficient)
+    x = images(8)
+    model.data_init(x)
+    assert_all_parameters_get_gradient(model, -model.log_prob(x).mean())
+
+
+def test_state_dict_carries_power_iteration_vectors(float64):
+    torch.manual_seed(0)
+    a = tiny_resflow()
+    a.data_init(images(8))
+    torch.manual_seed(1)
+    b = tiny_resflow()
+    b.load_state_dict(a.state_dict())
+    assert any(k.endswith(".u") for k in a.state_dict())
+    x = images(4)
+    outs = []
+    for m in (a, b):
+        torch.manual_seed(3)
+        outs.append(m.log_prob(x).detach())
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_elementwise_actnorm(float64):
+    layer = ActNorm(2, spatial_shape=(3, 3))
+    layer(3.0 + 2.0 * torch.randn(16, 2, 3, 3))
+    assert_invertible(layer, torch.randn(4, 2, 3, 3))
+    assert_ldj_matches_jacobian(layer, torch.randn(2, 2, 3, 3), atol=1e-9)
+
+
+def test_official_parameter_count():
+    cfg = load_config(os.path.join(ROOT, "experiments", "resflow_cifar10.yaml"))
+    with torch.device("meta"):
+        model = build_model(cfg["model"], (3, 32, 32), 8)
+    n = sum(p.numel() for p in model.parameters())
+    # the official code also counts 2 roulette settings (lamb, geom_p) per block as parameters: 52 blocks
+    n_blocks = sum(cfg["model"]["blocks"]) + cfg["model"]["fc_blocks"]
+    assert n_blocks == 52
+    assert n + 2 * n_blocks == cfg["paper"]["params"] == 25_174_233
+
+
+def test_configs_resolve():
+    for name in ("resflow_cifar10", "iresnet_cifar10", "resflow_small"):
+        cfg = load_config(os.path.join(ROOT, "experiments", f"{name}.yaml"))
+        assert cfg["model"]["name"] == "resflow"
+    ires = load_config(os.path.join(ROOT, "experiments", "iresnet_cifar10.yaml"))["model"]
+    assert ires["estimator"] == "truncated" and not ires["neumann_grad"]
+
+
+# ---- training through the CLI ------------------------------------------------------------------
+
+@pytest.mark.skipif(not os.path.isfile(SUBSET), reason="needs ../shared/data/cifar10_subset.npz beside the checkout")
+def test_training_lowers_test_bpd(tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "train.py", "experiments/resflow_small.yaml", "--out", str(out),
+            "model.blocks=[1,1]", "model.hidden_channels=16", "model.fc_blocks=1", "model.fc_hidden=16",
+            f"data.path={SUBSET}", "data.max_train=512", "data.max_test=32", "train.batch_size=16",
+            "train.steps=20", "train.eval_every=20", "train.log_every=5", "train.lr=3e-3", "train.warmup_steps=0",
+            "train.checkpoint_every=0", "train.sample_every=0", "eval.batch_size=32", "eval.max_examples=32"]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    test_bpd = {r["step"]: r["test/bpd"] for r in rows if "test/bpd" in r}
+    assert set(test_bpd) == {0, 20}
+    assert test_bpd[20] < test_bpd[0] - 0.3, test_bpd
+    diag = [r for r in rows if "diag/resflow/series_terms_mean" in r]
+    assert diag and all(r["diag/resflow/series_terms_mean"] >= 2 for r in diag)
