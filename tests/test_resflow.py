@@ -367,3 +367,74 @@ def test_training_lowers_test_bpd(tmp_path):
     assert test_bpd[20] < test_bpd[0] - 0.3, test_bpd
     diag = [r for r in rows if "diag/resflow/series_terms_mean" in r]
     assert diag and all(r["diag/resflow/series_terms_mean"] >= 2 for r in diag)
+
+
+def _operator_matrix(layer) -> torch.Tensor:
+    """The dense matrix of a spectral-normalised layer's linear map (its normalised weight, no bias)."""
+    w = layer.normalized_weight().detach()
+    if isinstance(layer, SpectralNormLinear):
+        return w
+    c, (h, wd) = layer.in_channels, layer.spatial
+    basis = torch.eye(c * h * wd, dtype=w.dtype).reshape(-1, c, h, wd)
+    cols = torch.nn.functional.conv2d(basis, w, padding=layer.padding).reshape(c * h * wd, -1)
+    return cols.T
+
+
+def _induced_norm_exact(a: torch.Tensor, p: float, q: float) -> float:
+    """||A||_{p->q} exactly for p = 1 (largest column q-norm) or q = inf (largest row p*-norm)."""
+    if p == 1:
+        return torch.linalg.vector_norm(a, ord=q, dim=0).max().item()
+    p_star = math.inf if p == 1 else (1.0 if p == math.inf else p / (p - 1))
+    return torch.linalg.vector_norm(a, ord=p_star, dim=1).max().item()
+
+
+@pytest.mark.parametrize("p,q", [(1.0, 1.0), (1.0, 2.0), (2.0, math.inf), (math.inf, math.inf), (1.0, math.inf)])
+@pytest.mark.parametrize("kind", ["linear", "conv3", "conv1"])
+def test_closed_form_1_and_inf_induced_norms_bound_the_operator(kind, p, q, float64):
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer = SpectralNormLinear(5, 4, coeff=0.7, domain=p, codomain=q)
+    else:
+        k = 3 if kind == "conv3" else 1
+        layer = SpectralNormConv2d(2, 3, k, (2, 4, 5), coeff=0.7, domain=p, codomain=q)
+    layer = layer.double()
+    with torch.no_grad():
+        layer.weight.mul_(10.0)  # well above the coefficient, so normalisation is active
+    a_raw = _operator_matrix(layer) * (layer.sigma().item() / 0.7)  # undo the rescaling
+    assert layer.sigma().item() == pytest.approx(_induced_norm_exact(a_raw, p, q), rel=1e-10)
+    assert _induced_norm_exact(_operator_matrix(layer), p, q) == pytest.approx(0.7, rel=1e-10)
+    layer.eval()
+    assert _induced_norm_exact(_operator_matrix(layer), p, q) == pytest.approx(0.7, rel=1e-10)
+
+
+@pytest.mark.parametrize("norms", ["1", "i", "2i12"])
+def test_resflow_builds_and_trains_with_1_and_inf_norms(norms):
+    cfg = {**resflow.DEFAULTS, "blocks": [1], "hidden_channels": 8, "fc_blocks": 0, "lipschitz_norm": norms}
+    model = build_model({"name": "resflow", **cfg}, (3, 8, 8), 8)
+    x = torch.randint(0, 256, (4, 3, 8, 8))
+    model.data_init(x)
+    loss = -model.log_prob(x).mean()
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.skipif(not os.path.isfile(SUBSET), reason="needs ../shared/data/cifar10_subset.npz beside the checkout")
+def test_resume_continues_the_same_run(tmp_path):
+    """Resuming restores weights, optimizer and the power-iteration vectors: the next losses match."""
+    common = [sys.executable, "train.py", "experiments/resflow_small.yaml", "model.blocks=[1,1]",
+              "model.hidden_channels=8", "model.fc_blocks=1", "model.fc_hidden=8", f"data.path={SUBSET}",
+              "data.max_train=256", "data.max_test=16", "train.batch_size=8", "train.log_every=1", "train.warmup_steps=0",
+              "train.eval_every=0", "train.sample_every=0", "train.init_batch_size=16"]
+
+    def run(out, *extra):
+        proc = subprocess.run(common + ["--out", str(out), *extra], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return {r["step"]: r["train/bpd"] for r in map(json.loads, open(out / "metrics.jsonl")) if "train/bpd" in r}
+
+    straight = run(tmp_path / "a", "train.steps=4")
+    run(tmp_path / "b", "train.steps=2", "train.checkpoint_every=2")
+    resumed = run(tmp_path / "b", "train.steps=4", "--resume")
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(straight[step], abs=1e-6), (straight, resumed)

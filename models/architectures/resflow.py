@@ -24,6 +24,8 @@ inverse, power iterations and the largest normalised sigma).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from models.core.distributions import StandardNormal
@@ -48,7 +50,7 @@ DEFAULTS = {
     "fc_blocks": 4,
     "fc_hidden": 128,
     "coeff": 0.98,                 # Lipschitz coefficient of every linear/conv layer
-    "lipschitz_norm": "2",         # p of the induced norms: one digit for every layer boundary ("2": spectral
+    "lipschitz_norm": "2",         # p of the induced norms (1..9, i = inf): one for every layer boundary ("2": spectral
                                    # norms), or one per boundary for mixed norms (the official vnorms, e.g. "2332")
     "sn_atol": 1e-3,               # power iteration stops at this tolerance ...
     "sn_rtol": 1e-3,
@@ -134,11 +136,11 @@ def build(cfg: dict, data_shape: tuple[int, int, int], num_bits: int) -> Flow:
         raise ValueError(f"image size {h}x{w} is not divisible by 2^{n_squeeze} (one squeeze between scales)")
     vnorms = str(cfg["lipschitz_norm"])
     vnorms = vnorms * (len(kernels) + 1) if len(vnorms) == 1 else vnorms
-    if len(vnorms) != len(kernels) + 1 or not all(ch in "23456789" for ch in vnorms) or vnorms[0] != vnorms[-1]:
-        raise ValueError(f"model.lipschitz_norm must be one digit or {len(kernels) + 1} digits in 2..9, the first "
-                         f"equal to the last (the 1- and inf-norms are not implemented), got {cfg['lipschitz_norm']!r}")
+    if len(vnorms) != len(kernels) + 1 or not all(ch in "123456789i" for ch in vnorms) or vnorms[0] != vnorms[-1]:
+        raise ValueError(f"model.lipschitz_norm must be one or {len(kernels) + 1} characters in 1..9 or i (inf), the "
+                         f"first equal to the last, got {cfg['lipschitz_norm']!r}")
     sn = {"coeff": cfg["coeff"], "atol": cfg["sn_atol"], "rtol": cfg["sn_rtol"], "max_iters": cfg["sn_max_iters"],
-          "norms": tuple(float(ch) for ch in vnorms)}
+          "norms": tuple(math.inf if ch == "i" else float(ch) for ch in vnorms)}
     transforms = [UniformDequantization(num_bits), Logit(cfg["logit_alpha"])]
     shape = tuple(data_shape)
     first = cfg["first_resblock"]

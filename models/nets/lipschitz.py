@@ -41,8 +41,17 @@ Induced mixed norms (Residual Flows §4.3 / App. D, ``vnorms``): with ``domain =
 estimates ||W||_{p->q}, and W is rescaled so that ||W_hat||_{p->q} <= coeff.  Chaining
 layers whose codomain is the next layer's domain, with first domain = last codomain,
 bounds Lip(g) in that norm (element-wise 1-Lipschitz activations are 1-Lipschitz in every
-p-norm).  Only 1 < p, q < inf; the 1- and inf-norm cases (closed-form in the official code)
-and learnable p are not implemented.  The default is the 2-norm everywhere ('2222').
+p-norm).  The default is the 2-norm everywhere ('2222').  Learnable p is not implemented.
+
+Closed forms (no iteration): an induced norm from the 1-norm is the largest column
+q-norm, ||W||_{1->q} = max_j ||W e_j||_q, and one into the inf-norm is the largest row
+p*-norm, ||W||_{p->inf} = max_i ||W_i||_{p*} (Hoelder).  For a stride-1 zero-padded
+convolution on an image at least as large as its kernel, the column of input (c, i, j)
+at an interior position is the whole kernel slice W[:, c] and the row of output
+(o, i, j) is W[o]; border positions see truncated slices with smaller norms, so
+    ||conv||_{1->q} = max_c ||W[:, c]||_q,      ||conv||_{p->inf} = max_o ||W[o]||_{p*}
+exactly, and the same formulas hold for dense matrices (kernel size 1).  These layers
+keep their ``u, v`` buffers (unused) so every layer has the same state.
 """
 from __future__ import annotations
 
@@ -69,7 +78,11 @@ class LipSwish(nn.Module):
 
 
 def _conjugate(r: float) -> float:
-    """r* with 1/r + 1/r* = 1."""
+    """r* with 1/r + 1/r* = 1 (1 and inf are each other's conjugate)."""
+    if r == 1.0:
+        return math.inf
+    if r == math.inf:
+        return 1.0
     return r / (r - 1.0)
 
 
@@ -97,9 +110,11 @@ class SpectralNormBase(nn.Module):
         if not 0 < coeff:
             raise ValueError("spectral normalisation needs coeff > 0")
         for r in (domain, codomain):
-            if not 1.0 < float(r) < math.inf:
-                raise ValueError(f"induced norms need 1 < p < inf, got {r} (the 1- and inf-norms are not implemented)")
+            if not 1.0 <= float(r) <= math.inf:
+                raise ValueError(f"induced norms need 1 <= p <= inf, got {r}")
         self.domain, self.codomain = float(domain), float(codomain)
+        # ||W||_{1->q} and ||W||_{p->inf} have closed forms (module docstring): no power iteration
+        self.closed_form = self.domain == 1.0 or self.codomain == math.inf
         self.coeff, self.atol, self.rtol = float(coeff), float(atol), float(rtol)
         self.max_iters, self.init_iters = int(max_iters), int(init_iters)
         self.last_iters = 0  # diagnostics only
@@ -111,9 +126,19 @@ class SpectralNormBase(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
 
     def _init_vectors(self, u_numel: int, v_numel: int) -> None:
-        self.register_buffer("u", _normalize(torch.randn(u_numel), _conjugate(self.codomain)))
-        self.register_buffer("v", _normalize(torch.randn(v_numel), self.domain))
+        norms = (2.0, 2.0) if self.closed_form else (_conjugate(self.codomain), self.domain)
+        self.register_buffer("u", _normalize(torch.randn(u_numel), norms[0]))
+        self.register_buffer("v", _normalize(torch.randn(v_numel), norms[1]))
         self.power_iteration(self.init_iters)
+
+    def _closed_form_sigma(self, weight: torch.Tensor) -> torch.Tensor:
+        """max column q-norm (domain 1) or max row p*-norm (codomain inf) of the operator."""
+        w = weight.reshape(weight.shape[0], weight.shape[1], -1)  # (out, in, kernel positions)
+        if self.domain == 1.0:
+            columns = w.transpose(0, 1).reshape(w.shape[1], -1)
+            return torch.linalg.vector_norm(columns, ord=self.codomain, dim=1).max()
+        rows = w.reshape(w.shape[0], -1)
+        return torch.linalg.vector_norm(rows, ord=_conjugate(self.domain), dim=1).max()
 
     # operator interface: W v (flat -> flat) and W^T u
     def _mv(self, weight, v):
@@ -146,7 +171,7 @@ class SpectralNormBase(nn.Module):
     @torch.no_grad()
     def power_iteration(self, max_iters: int | None = None) -> int:
         """Refine the stored (u, v) for the current weight; returns the iterations used."""
-        if self.weight.is_meta:  # built on the meta device (parameter counting): nothing to compute
+        if self.weight.is_meta or self.closed_form:  # meta build (counting) or a closed-form norm: nothing to iterate
             return 0
         weight = self.weight.detach().to(self.u.dtype)
         u, v, it = self._iterate(weight, self.u, self.v, self.max_iters if max_iters is None else max_iters,
@@ -157,10 +182,14 @@ class SpectralNormBase(nn.Module):
         return it
 
     def sigma(self) -> torch.Tensor:
-        """u^T W v with the stored vectors (differentiable in W)."""
+        """u^T W v with the stored vectors, or the closed form (differentiable in W)."""
+        if self.closed_form:
+            return self._closed_form_sigma(self.weight)
         return torch.dot(self.u.to(self.weight.dtype), self._mv(self.weight, self.v.to(self.weight.dtype)))
 
     def _eval_sigma(self) -> torch.Tensor:
+        if self.closed_form:
+            return self._closed_form_sigma(self.weight.detach())
         key = (self.weight._version, self.weight.data_ptr(), self.u._version, self.v._version, self.weight.dtype)
         if self._eval_cache is None or self._eval_cache[0] != key:
             with torch.no_grad():
@@ -222,6 +251,8 @@ class SpectralNormConv2d(SpectralNormBase):
         c, h, w = in_shape
         if c != in_channels:
             raise ValueError(f"in_shape {in_shape} does not have {in_channels} channels")
+        if self.closed_form and min(h, w) < kernel_size:
+            raise ValueError(f"the closed-form 1/inf induced norms need images at least {kernel_size} pixels wide")
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.padding, self.spatial = kernel_size // 2, (h, w)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
