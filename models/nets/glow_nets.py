@@ -27,11 +27,13 @@ class EdgePaddedConv2d(nn.Conv2d):
     def forward(self, x):
         if not self.edge_padding:
             return super().forward(x)
+        # conv([pad(x), m]) = conv(x, W_x, padding=p) + conv(m, W_m): the mask term is one
+        # (1, 1, H+2p, W+2p) map per call, so the wide activation is never padded or copied
         p = self.kernel_size[0] // 2
-        b, _, h, w = x.shape
+        h, w = x.shape[2:]
+        out = F.conv2d(x, self.weight[:, :-1], None, padding=p)
         pad_mask = F.pad(torch.zeros(1, 1, h, w, device=x.device, dtype=x.dtype), (p, p, p, p), value=1.0)
-        x = torch.cat([F.pad(x, (p, p, p, p)), pad_mask.expand(b, -1, -1, -1)], dim=1)
-        return super().forward(x)
+        return out + F.conv2d(pad_mask, self.weight[:, -1:], self.bias)
 
 
 class ZeroConv2d(EdgePaddedConv2d):

@@ -57,7 +57,8 @@ class ActNorm(Transform):
                 self._known_initialized = True
             else:
                 self._initialize(x)
-        return (x + self.bias.to(x.dtype)) * torch.exp(self._log_scale()).to(x.dtype)
+        scale = torch.exp(self._log_scale()).to(x.dtype)
+        return torch.addcmul(self.bias.to(x.dtype) * scale, x, scale)  # (x + b) * s in one pass
 
     def forward(self, x, context=None):
         z = self.normalize(x)
