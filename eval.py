@@ -19,7 +19,7 @@ import torch
 
 from engine.cli import run_cli
 from engine.errors import FlowlabError
-from engine.evaluate import evaluate_bpd, evaluate_iw_bpd
+from engine.evaluate import evaluate_bpd
 from engine.run import load_run
 from engine.setup import load_data
 
@@ -37,7 +37,7 @@ def evaluate_run(run_dir: str, split: str, batch_size: int | None, device: str, 
     result = evaluate_bpd(model, images, batch_size, seed=cfg["train"]["seed"])
     iw = None
     if iw_samples > 1 and model.is_stochastic:
-        r = evaluate_iw_bpd(model, images, iw_samples, batch_size, iw_chunk, seed=cfg["train"]["seed"] + 1)
+        r = evaluate_bpd(model, images, batch_size, seed=cfg["train"]["seed"] + 1, iw_samples=iw_samples, iw_chunk=iw_chunk)
         iw = {"bpd": r["bpd"], "stderr": r["stderr"], "n": r["n"], "nonfinite": r["nonfinite"], "k": iw_samples,
               "bound": f"importance-weighted (K={iw_samples})"}
     return {"run": run_dir, "model": cfg["model"]["name"], "split": split, **result, "bound": "single-sample (K=1)",

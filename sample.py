@@ -9,7 +9,7 @@ import argparse
 import torch
 
 from engine.cli import run_cli
-from engine.images import grid_layout, save_grid, to_uint8
+from engine.images import save_grid, to_uint8
 from engine.run import load_run
 
 

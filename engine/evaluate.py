@@ -73,8 +73,3 @@ def evaluate_bpd(model, images: torch.Tensor, batch_size: int, accelerator=None,
     return {"bpd": mean, "stderr": stderr, "n": int(idx.numel()), "nonfinite": int((~torch.isfinite(bpd)).sum()),
             "iw_samples": iw_samples}
 
-
-def evaluate_iw_bpd(model, images: torch.Tensor, iw_samples: int, batch_size: int, iw_chunk: int | None = None,
-                    accelerator=None, seed: int = 0) -> dict:
-    """The importance-weighted bits/dim bound with ``iw_samples`` samples (see the module docstring)."""
-    return evaluate_bpd(model, images, batch_size, accelerator, seed, iw_samples, iw_chunk)

@@ -11,8 +11,8 @@ counted in images seen.  All randomness of step ``s`` on rank ``r`` comes from
 """
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import os
 import time
 
@@ -136,7 +136,6 @@ class Trainer:
     # --- evaluation, samples, checkpoints ------------------------------------------------
     def _eval_model(self):
         """Context: the model with EMA weights swapped in when EMA is on."""
-        import contextlib
         return self.ema.swapped_in(self.model) if self.ema is not None else contextlib.nullcontext(self.model)
 
     def evaluate(self) -> dict:

@@ -12,6 +12,12 @@ plus a whole-model check that training reaches every parameter:
 
     assert_all_parameters_get_gradient(model, loss)
 
+and the plumbing of end-to-end tests that start the CLIs as users do:
+
+    run_command(argv)                       subprocess in the repo root; fails with its output
+    read_metric(run_dir, name)              {step: value} of one metric from metrics.jsonl
+    needs_subset                            skip marker when ../shared/data is absent
+
 Conventions
 -----------
 * Transforms act on batches ``(B, C, H, W)`` and return ``(z, ldj)`` with ``ldj`` of
@@ -31,8 +37,12 @@ Conventions
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 from typing import Callable
 
+import pytest
 import torch
 from torch import nn
 
@@ -204,3 +214,30 @@ def perturb_parameters(module: nn.Module, std: float = 0.05, generator: torch.Ge
         for p in m.parameters(recurse=types is None):
             noise = torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p)
             p.add_(std * noise)
+
+
+# ---- end-to-end CLI tests ------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUBSET = os.path.join(ROOT, "..", "shared", "data", "cifar10_subset.npz")
+needs_subset = pytest.mark.skipif(not os.path.isfile(SUBSET),
+                                  reason="needs ../shared/data/cifar10_subset.npz beside the checkout")
+
+
+def run_command(argv: list[str], env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``argv`` in the repository root; with ``check``, a non-zero exit fails with its output."""
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{argv} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_metric(run_dir, name: str) -> dict:
+    """{step: value} of one metric from a run directory's metrics.jsonl."""
+    out = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if name in row:
+                out[row["step"]] = row[name]
+    return out

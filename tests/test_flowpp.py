@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -28,11 +27,10 @@ from models.transforms.bijections.mixture_logistic import (
     mixture_logit_cdf)
 from models.transforms.bijections.squeeze import Squeeze
 from models.transforms.surjections.variational_dequantization import VariationalDequantization
-from tests.helpers import (assert_all_parameters_get_gradient, assert_invertible, assert_ldj_matches_jacobian,
-                           jacobian_logdet)
+from tests.helpers import (SUBSET, assert_all_parameters_get_gradient, assert_invertible, assert_ldj_matches_jacobian,
+                           jacobian_logdet, read_metric, run_command)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUBSET = os.path.join(ROOT, "..", "shared", "data", "cifar10_subset.npz")
 
 TINY = {"steps": [1, 1, 1], "filters": 8, "blocks": 1, "heads": 2, "components": 3, "dropout": 0.0,
         "dequant_steps": 1, "dequant_filters": 8, "dequant_blocks": 1, "context_channels": 4, "context_blocks": 1}
@@ -337,9 +335,7 @@ CLI_TINY = [
 
 
 def _run(args):
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
+    return run_command([sys.executable, *args])
 
 
 @pytest.fixture(scope="module")
@@ -353,12 +349,7 @@ def trained_run(tmp_path_factory):
 
 
 def test_training_the_small_config_lowers_test_bpd(trained_run):
-    test_bpd = {}
-    with open(trained_run / "metrics.jsonl") as f:
-        for line in f:
-            row = json.loads(line)
-            if "test/bpd" in row:
-                test_bpd[row["step"]] = row["test/bpd"]
+    test_bpd = read_metric(trained_run, "test/bpd")
     assert set(test_bpd) == {0, 30}
     assert test_bpd[30] < test_bpd[0] - 0.3, test_bpd
 

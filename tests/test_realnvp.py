@@ -11,13 +11,10 @@
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
 import sys
 
-import pytest
 import torch
 
 from engine.config import load_config
@@ -27,10 +24,10 @@ from models.core.distributions import LOG_2PI
 from models.transforms.bijections.batch_norm import BatchNormBijection
 from models.transforms.surjections.split import Split
 from models.transforms.surjections.uniform_dequantization import UniformDequantization
-from tests.helpers import assert_all_parameters_get_gradient, jacobian_logdet, perturb_parameters
+from tests.helpers import (assert_all_parameters_get_gradient, jacobian_logdet, needs_subset, perturb_parameters,
+                           read_metric, run_command)
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-SUBSET = os.path.join(ROOT, "..", "shared", "data", "cifar10_subset.npz")
 DATA_SHAPE = (3, 4, 4)
 
 
@@ -122,17 +119,14 @@ def test_paper_config_parameter_count():
     assert cfg["train"]["weight_decay"] == 5e-5
 
 
-@pytest.mark.skipif(not os.path.isfile(SUBSET), reason="needs ../shared/data/cifar10_subset.npz beside the checkout")
+@needs_subset
 def test_small_config_trains_through_train_py(tmp_path):
     out = tmp_path / "rn"
     args = [sys.executable, "train.py", "experiments/realnvp_small.yaml", "--out", str(out),
             "model.features=4", "model.bn_momentum=0.2", "data.max_train=256", "data.max_test=64", "train.batch_size=8",
             "train.steps=20", "train.eval_every=20", "train.sample_every=0", "train.checkpoint_every=0",
             "train.warmup_steps=0", "train.lr=3e-3", "train.log_every=10", "eval.batch_size=64", "sample.n=2"]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    test_bpd = {r["step"]: r["test/bpd"] for r in rows if "test/bpd" in r}
+    run_command(args, env={"OMP_NUM_THREADS": "1"})
+    test_bpd = read_metric(out, "test/bpd")
     assert set(test_bpd) == {0, 20}
     assert math.isfinite(test_bpd[20]) and test_bpd[20] < test_bpd[0] - 0.3, test_bpd

@@ -4,10 +4,8 @@ the memory-efficient backward, the fixed-point inverse, gradients, parameter cou
 a short training run through train.py."""
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -20,10 +18,10 @@ from models.nets.resflow_nets import ConvResidualNet, FCResidualNet
 from models.transforms.bijections.actnorm import ActNorm
 from models.transforms.residual.iresblock import InvertibleResidualBlock
 from models.transforms.residual.logdet_estimators import exact_logdet, roulette_weights, survival
-from tests.helpers import assert_all_parameters_get_gradient, assert_invertible, assert_ldj_matches_jacobian
+from tests.helpers import (SUBSET, assert_all_parameters_get_gradient, assert_invertible, assert_ldj_matches_jacobian,
+                           needs_subset, read_metric, run_command)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUBSET = os.path.join(ROOT, "..", "shared", "data", "cifar10_subset.npz")
 SHAPE = (3, 4, 4)
 
 
@@ -351,7 +349,7 @@ def test_configs_resolve():
 
 # ---- training through the CLI ------------------------------------------------------------------
 
-@pytest.mark.skipif(not os.path.isfile(SUBSET), reason="needs ../shared/data/cifar10_subset.npz beside the checkout")
+@needs_subset
 def test_training_lowers_test_bpd(tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "train.py", "experiments/resflow_small.yaml", "--out", str(out),
@@ -359,14 +357,12 @@ def test_training_lowers_test_bpd(tmp_path):
             f"data.path={SUBSET}", "data.max_train=512", "data.max_test=32", "train.batch_size=16",
             "train.steps=20", "train.eval_every=20", "train.log_every=5", "train.lr=3e-3", "train.warmup_steps=0",
             "train.checkpoint_every=0", "train.sample_every=0", "eval.batch_size=32", "eval.max_examples=32"]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    test_bpd = {r["step"]: r["test/bpd"] for r in rows if "test/bpd" in r}
+    run_command(args)
+    test_bpd = read_metric(out, "test/bpd")
     assert set(test_bpd) == {0, 20}
     assert test_bpd[20] < test_bpd[0] - 0.3, test_bpd
-    diag = [r for r in rows if "diag/resflow/series_terms_mean" in r]
-    assert diag and all(r["diag/resflow/series_terms_mean"] >= 2 for r in diag)
+    series_terms = read_metric(out, "diag/resflow/series_terms_mean")
+    assert series_terms and all(v >= 2 for v in series_terms.values())
 
 
 def _operator_matrix(layer) -> torch.Tensor:
@@ -419,7 +415,7 @@ def test_resflow_builds_and_trains_with_1_and_inf_norms(norms):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.skipif(not os.path.isfile(SUBSET), reason="needs ../shared/data/cifar10_subset.npz beside the checkout")
+@needs_subset
 def test_resume_continues_the_same_run(tmp_path):
     """Resuming restores weights, optimizer and the power-iteration vectors: the next losses match."""
     common = [sys.executable, "train.py", "experiments/resflow_small.yaml", "model.blocks=[1,1]",
@@ -428,9 +424,8 @@ def test_resume_continues_the_same_run(tmp_path):
               "train.eval_every=0", "train.sample_every=0", "train.init_batch_size=16"]
 
     def run(out, *extra):
-        proc = subprocess.run(common + ["--out", str(out), *extra], cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        return {r["step"]: r["train/bpd"] for r in map(json.loads, open(out / "metrics.jsonl")) if "train/bpd" in r}
+        run_command(common + ["--out", str(out), *extra])
+        return read_metric(out, "train/bpd")
 
     straight = run(tmp_path / "a", "train.steps=4")
     run(tmp_path / "b", "train.steps=2", "train.checkpoint_every=2")

@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUBSET = os.path.join(ROOT, "..", "shared", "data", "cifar10_subset.npz")
-pytestmark = pytest.mark.skipif(not os.path.isfile(SUBSET), reason="needs ../shared/data/cifar10_subset.npz beside the checkout")
+from tests.helpers import SUBSET, needs_subset, read_metric
+from tests.helpers import run_command as run
+
+pytestmark = needs_subset
 
 TINY = [
     "model.levels=2", "model.depth=2", "model.hidden_channels=16",
@@ -23,33 +22,15 @@ TINY = [
 ]
 
 
-def run(args: list[str], env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
 def train(out, *overrides, resume=False, check=True):
     args = [sys.executable, "train.py", "experiments/glow_small.yaml", "--out", str(out), *TINY, *overrides]
     return run(args + (["--resume"] if resume else []), check=check)
 
 
-def metric(run_dir, name):
-    """{step: value} of one metric from metrics.jsonl."""
-    out = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            if name in row:
-                out[row["step"]] = row[name]
-    return out
-
-
 def test_training_lowers_test_bpd(tmp_path):
     out = tmp_path / "run"
     train(out, "train.steps=40", "train.eval_every=40")
-    test_bpd = metric(out, "test/bpd")
+    test_bpd = read_metric(out, "test/bpd")
     assert set(test_bpd) == {0, 40}
     assert test_bpd[40] < test_bpd[0] - 0.3, test_bpd
     summary = json.load(open(out / "summary.json"))
@@ -62,7 +43,7 @@ def test_resume_gives_the_same_next_losses(tmp_path):
     train(straight, "train.steps=6")
     train(split, "train.steps=3", "train.checkpoint_every=3")
     train(split, "train.steps=6", resume=True)
-    a, b = metric(straight, "train/bpd"), metric(split, "train/bpd")
+    a, b = read_metric(straight, "train/bpd"), read_metric(split, "train/bpd")
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in (4, 5, 6):
         assert b[step] == pytest.approx(a[step], abs=1e-6), (step, a, b)
@@ -82,7 +63,7 @@ def test_two_process_accelerate_launch_keeps_ranks_identical(tmp_path):
     assert len(summary["param_checksums"]) == 2
     assert summary["param_checksums"][0] == summary["param_checksums"][1]
     assert summary["images_seen"] == 4 * 16
-    assert metric(out, "test/bpd")  # evaluation gathered over both ranks
+    assert read_metric(out, "test/bpd")  # evaluation gathered over both ranks
 
 
 def test_cli_round_trip_train_sample_eval(tmp_path):
@@ -170,4 +151,4 @@ def test_time_limit_stops_early_with_a_final_checkpoint_and_eval(tmp_path):
     assert "time limit of 0.0001 min reached at step 1" in proc.stdout
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     assert state["step"] == 1 and state["images_seen"] == 16
-    assert set(metric(out, "test/bpd")) == {0, 1}  # evaluated at the start and where it stopped
+    assert set(read_metric(out, "test/bpd")) == {0, 1}  # evaluated at the start and where it stopped

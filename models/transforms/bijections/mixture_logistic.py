@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.core.bisection import bisect
 from models.core.transform import Transform, compute_dtype, sum_except_batch
 
 MIN_LOG_SCALE = -7.0
@@ -74,19 +75,9 @@ def mixture_inverse_logit_cdf(y, logits, means, log_scales, max_iters: int = 200
 
     Works in ``y``'s dtype; returns ``(x, iterations)``.
     """
-    scales = torch.exp(log_scales)
-    ends = means + scales * y.unsqueeze(-1)
+    ends = means + torch.exp(log_scales) * y.unsqueeze(-1)
     lo, hi = ends.min(-1).values, ends.max(-1).values
-    iters = 0
-    for iters in range(1, max_iters + 1):
-        mid = lo + (hi - lo) / 2
-        active = (mid != lo) & (mid != hi)
-        if not bool(active.any()):
-            break
-        above = mixture_logit_cdf(mid, logits, means, log_scales) > y
-        hi = torch.where(above & active, mid, hi)
-        lo = torch.where(~above & active, mid, lo)
-    return lo + (hi - lo) / 2, iters
+    return bisect(lambda x: mixture_logit_cdf(x, logits, means, log_scales), y, lo, hi, max_iters)
 
 
 class MixtureLogisticCoupling(Transform):
