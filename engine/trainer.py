@@ -305,4 +305,10 @@ def run_training(cfg: dict, run_dir: str, resume: bool = False) -> dict:
         cfg = {**state["config"], "train": cfg["train"], "eval": cfg["eval"], "sample": cfg["sample"]}
     if is_main_process():
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
-    return Trainer(cfg, run_dir, state).fit()
+    trainer = Trainer(cfg, run_dir, state)
+    try:
+        return trainer.fit()
+    finally:
+        # tear the process group down explicitly: left to interpreter exit, the collective
+        # backend's threads can abort the process (SIGABRT) after a finished run
+        trainer.acc.end_training()

@@ -228,7 +228,7 @@ def run_command(argv: list[str], env: dict | None = None, check: bool = True) ->
     """Run ``argv`` in the repository root; with ``check``, a non-zero exit fails with its output."""
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{argv} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"{argv} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-8000:]}")
     return proc
 
 
