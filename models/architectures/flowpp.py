@@ -2,7 +2,7 @@
 gated convolution + self-attention conditioners (official ``flows/run_cifar.py``).
 
     x (integers) -> dequantization (variational: a conditional flow q(u|x); or uniform)
-    -> logit pre-processing (x * 0.9 + 0.05, logit: the official ImgProc)
+    -> logit pre-processing (x * 0.9 + 0.05, logit: the official ImgProc; not after argmax)
     -> checkerboard split, steps[0] x [Norm, Pointwise, coupling, swap halves], merge
     -> squeeze
     -> channel split,      steps[1] x [same]
@@ -32,6 +32,8 @@ from models.transforms.bijections.elementwise import Logit, Sigmoid
 from models.transforms.bijections.halves import Halfwise, SwapHalves
 from models.transforms.bijections.mixture_logistic import MixtureLogisticCoupling
 from models.transforms.bijections.squeeze import Squeeze
+from models.transforms.surjections.argmax import ENCODINGS, ArgmaxSurjection
+from models.transforms.surjections.conditional_noise import ConditionalNoise
 from models.transforms.surjections.uniform_dequantization import UniformDequantization
 from models.transforms.surjections.variational_dequantization import VariationalDequantization
 
@@ -44,7 +46,7 @@ DEFAULTS = {
     "attention": True,         # False: pointwise gated NIN instead (ablation)
     "dropout": 0.2,
     "logit_alpha": 0.05,       # pre-processing x * (1 - 2 alpha) + alpha, then logit
-    "dequantization": "variational",  # variational | uniform
+    "dequantization": "variational",  # variational | uniform | argmax (binary encoding, no logit)
     "dequant_steps": 4,        # the dequantizer shares heads, components, attention and dropout
     "dequant_filters": 96,
     "dequant_blocks": 2,
@@ -52,7 +54,7 @@ DEFAULTS = {
     "context_blocks": 3,
 }
 
-CHOICES = {"dequantization": ("variational", "uniform")}
+CHOICES = {"dequantization": ("variational", "uniform", "argmax")}
 
 
 def flow_steps(n: int, shape: tuple[int, int, int], cfg: dict, filters: int, blocks: int, context_channels: int = 0):
@@ -73,22 +75,28 @@ def flow_steps(n: int, shape: tuple[int, int, int], cfg: dict, filters: int, blo
 def build_dequantization(kind: str, data_shape: tuple[int, int, int], num_bits: int, *, steps: int = 4,
                          filters: int = 96, blocks: int = 2, heads: int = 4, components: int = 32,
                          attention: bool = True, dropout: float = 0.0, context_channels: int = 32,
-                         context_blocks: int = 3):
-    """``kind`` = uniform, or variational: Flow++'s dequantizer (the defaults are the paper's:
+                         context_blocks: int = 3, encoding: str = "binary"):
+    """``kind`` = uniform; variational: Flow++'s dequantizer (the defaults are the paper's:
     4 checkerboard steps of 2 blocks, 96 filters, 32 logistics, a 32-channel context net of
-    3 gated convs).  Any architecture selects it with ``model.dequantization``."""
+    3 gated convs); or argmax: the 2^num_bits values as categories (``encoding`` binary or
+    onehot, see ``argmax.py``) with the same conditional flow, without the final sigmoid,
+    for the noise.  Any architecture selects it with ``model.dequantization``."""
     if kind == "uniform":
         return UniformDequantization(num_bits)
-    if kind != "variational":
-        raise ValueError(f"unknown dequantization {kind!r}; use uniform or variational")
+    if kind not in ("variational", "argmax"):
+        raise ValueError(f"unknown dequantization {kind!r}; use uniform, variational or argmax")
     c, h, w = data_shape
     if w % 2:
-        raise ValueError(f"variational dequantization needs an even image width, got {w}")
+        raise ValueError(f"{kind} dequantization needs an even image width, got {w}")
     net_cfg = {"components": components, "heads": heads, "dropout": dropout, "attention": attention}
-    flow = [CheckerboardSplit(),
-            *flow_steps(steps, (2 * c, h, w // 2), net_cfg, filters, blocks, context_channels),
-            CheckerboardMerge(), Sigmoid()]
-    return VariationalDequantization(flow, DequantContextNet(c, context_channels, context_blocks, dropout), num_bits)
+    code = ENCODINGS[encoding](2 ** int(num_bits)) if kind == "argmax" else None
+    ch = c * code.dims if code is not None else c  # channels of the noise
+    flow = [CheckerboardSplit(), *flow_steps(steps, (2 * ch, h, w // 2), net_cfg, filters, blocks, context_channels),
+            CheckerboardMerge()]
+    context_net = DequantContextNet(ch, context_channels, context_blocks, dropout)
+    if code is not None:
+        return ArgmaxSurjection(code, ConditionalNoise(flow, context_net, ch))
+    return VariationalDequantization(flow + [Sigmoid()], context_net, num_bits)
 
 
 def build(cfg: dict, data_shape: tuple[int, int, int], num_bits: int) -> Flow:
@@ -102,7 +110,9 @@ def build(cfg: dict, data_shape: tuple[int, int, int], num_bits: int) -> Flow:
                                filters=cfg["dequant_filters"], blocks=cfg["dequant_blocks"], heads=cfg["heads"],
                                components=cfg["components"], attention=cfg["attention"], dropout=cfg["dropout"],
                                context_channels=cfg["context_channels"], context_blocks=cfg["context_blocks"])
-    transforms = [deq, Logit(cfg["logit_alpha"])]
+    # argmax already gives unbounded reals (C * code dims channels): no logit pre-processing
+    transforms = [deq] if cfg["dequantization"] == "argmax" else [deq, Logit(cfg["logit_alpha"])]
+    c = deq.output_shape(data_shape)[0]
     f, b = cfg["filters"], cfg["blocks"]
     transforms += [CheckerboardSplit(), *flow_steps(n1, (2 * c, h, w // 2), cfg, f, b), CheckerboardMerge()]
     transforms.append(Squeeze(order="tf"))

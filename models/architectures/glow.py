@@ -1,6 +1,7 @@
 """Glow (Kingma & Dhariwal 2018): multi-scale flow of ActNorm, 1x1 conv and coupling.
 
-    x (integers) -> uniform dequantization -> x/2^n - 0.5
+    x (integers) -> uniform dequantization -> x/2^n - 0.5    (or ``model.dequantization``:
+                    variational, or argmax -- binary-encoded categories, no shift)
     for level in 1..L:  squeeze -> K x [ActNorm -> 1x1 conv -> coupling] -> split (not at level L)
     top prior: learned Gaussian (``learn_top``) or N(0, I)
 
@@ -36,7 +37,7 @@ DEFAULTS = {
 CHOICES = {
     "coupling": ("affine", "additive"),
     "permutation": ("conv1x1", "conv1x1_lu", "reverse", "shuffle"),
-    "dequantization": ("uniform", "variational"),  # variational: Flow++'s dequantizer (paper settings)
+    "dequantization": ("uniform", "variational", "argmax"),  # variational / argmax: Flow++'s conditional flow (paper settings)
 }
 
 
@@ -59,12 +60,12 @@ def _flow_step(cfg: dict, channels: int):
     return [ActNorm(channels), _permutation(cfg["permutation"], channels), coupling]
 
 
-def build(cfg: dict, data_shape: tuple[int, int, int], num_bits: int) -> Flow:
-    c, h, w = data_shape
+def multiscale(cfg: dict, shape: tuple[int, int, int]):
+    """Glow's levels on inputs of ``shape``: (list of transforms, base distribution)."""
+    _, h, w = shape
     if h % 2 ** cfg["levels"] or w % 2 ** cfg["levels"]:
         raise ValueError(f"image size {h}x{w} is not divisible by 2^levels = {2 ** cfg['levels']}")
-    transforms = [build_dequantization(cfg["dequantization"], data_shape, num_bits), ScaleShift(1.0, -0.5)]
-    shape = data_shape
+    transforms = []
     for level in range(cfg["levels"]):
         transforms.append(Squeeze())
         shape = transforms[-1].output_shape(shape)
@@ -78,4 +79,12 @@ def build(cfg: dict, data_shape: tuple[int, int, int], num_bits: int) -> Flow:
         base = LearnedGaussian(shape, ZeroConv2d(2 * shape[0], 2 * shape[0], 3, cfg["edge_padding"]))
     else:
         base = StandardNormal(shape)
-    return Flow(transforms, base, data_shape)
+    return transforms, base
+
+
+def build(cfg: dict, data_shape: tuple[int, int, int], num_bits: int) -> Flow:
+    deq = build_dequantization(cfg["dequantization"], data_shape, num_bits)
+    # argmax gives reals centred on 0 with C * code dims channels; dequantized images are centred by -0.5
+    transforms = [deq] if cfg["dequantization"] == "argmax" else [deq, ScaleShift(1.0, -0.5)]
+    levels, base = multiscale(cfg, deq.output_shape(data_shape))
+    return Flow(transforms + levels, base, data_shape)

@@ -22,8 +22,8 @@ import math
 import torch
 from torch import nn
 
-from models.core.distributions import gaussian_log_prob
 from models.core.transform import Transform, compute_dtype
+from models.transforms.surjections.conditional_noise import push_noise
 
 
 class VariationalDequantization(Transform):
@@ -41,13 +41,7 @@ class VariationalDequantization(Transform):
         """(u, log q(u | x)) for integer images x."""
         x = x.to(torch.get_default_dtype())
         context = self.context_net(x / self.num_bins - 0.5)
-        eps = torch.randn_like(x)
-        u = eps
-        log_q = gaussian_log_prob(eps, torch.zeros_like(eps), torch.zeros_like(eps))
-        for t in self.flow:
-            u, ldj = t(u, context)
-            log_q = log_q - ldj
-        return u, log_q
+        return push_noise(self.flow, torch.randn_like(x), context)
 
     def forward(self, x, context=None):
         x = x.to(torch.get_default_dtype())
