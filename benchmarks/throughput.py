@@ -11,6 +11,8 @@ backward, grad-norm clipping, optimizer step, EMA and after-step hooks), after t
 trainer's own data-dependent init.  sec_per_step is the median over --steps timed steps
 after --warmup untimed ones; train_img_per_s = batch_size / sec_per_step.
 sample_seconds times one model.sample(N, temperature=1.0).
+"diagnostics": the model's ``diagnostics()`` hook after the last timed step (e.g. a CNF's
+forward/backward NFE of that step), when the model has one.
 Data: the config's data set when it loads, otherwise (a FlowlabError, e.g. CIFAR-10
 absent offline) random uint8 images of the data set's shape ("data": "random").
 The device is accelerate's choice (a GPU when there is one; ACCELERATE_USE_CPU=1 forces the CPU).
@@ -91,6 +93,7 @@ def main():
             sync(device)
             if i >= args.warmup:
                 times.append(time.perf_counter() - start)
+        diagnostics = trainer.model.diagnostics() if hasattr(trainer.model, "diagnostics") else {}
         model = trainer.model.eval()
         torch.manual_seed(cfg["train"]["seed"])
         sync(device)
@@ -108,6 +111,7 @@ def main():
         "train_img_per_s": round(bs / sec_per_step, 3), "sec_per_step": round(sec_per_step, 5),
         "sample_n": sample_n, "sample_seconds": round(sample_seconds, 4),
         "peak_memory_mb": round(peak_mb, 1), "memory_kind": memory_kind,
+        "diagnostics": {k: round(float(v), 5) for k, v in diagnostics.items()},
     }), flush=True)
 
 

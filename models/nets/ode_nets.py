@@ -1,0 +1,92 @@
+"""Time-conditioned networks f(t, z) for continuous normalizing flows (FFJORD, RNODE).
+
+Concat (FFJORD ``ConcatConv2d`` / ``ConcatLinear``): time enters as one extra input
+channel (feature) holding t everywhere, placed first:
+
+    y = W [t, x] + b
+
+ConcatSquash (FFJORD ``ConcatSquashConv2d`` / ``ConcatSquashLinear``): time gates and
+shifts the layer's output channels:
+
+    y = (W x + b) * sigmoid(a t + c) + d t
+
+ODENet (FFJORD ``ODEnet``): time-conditioned layers with hidden widths ``hidden``, a
+non-linearity after every layer but the last, and an output of the input's channels.
+Conv layers are 3x3 with padding 1 (the stride-1 layers of the official ``--strides 1,1,1,1``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+LAYER_TYPES = ("concat", "concatsquash")
+NONLINEARITIES = {"softplus": nn.Softplus, "tanh": nn.Tanh, "elu": nn.ELU, "relu": nn.ReLU}
+
+
+def _base_layer(dim_in: int, dim_out: int, conv: bool) -> nn.Module:
+    return nn.Conv2d(dim_in, dim_out, kernel_size=3, padding=1) if conv else nn.Linear(dim_in, dim_out)
+
+
+class ConcatLayer(nn.Module):
+    """y = layer([t, x]): t appended as the first input channel (feature)."""
+
+    def __init__(self, dim_in: int, dim_out: int, conv: bool):
+        super().__init__()
+        self.layer = _base_layer(dim_in + 1, dim_out, conv)
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        tt = torch.ones_like(x[:, :1]) * t.to(x.dtype)
+        return self.layer(torch.cat([tt, x], dim=1))
+
+
+class ConcatSquashLayer(nn.Module):
+    """y = layer(x) * sigmoid(gate(t)) + shift(t), gate affine and shift linear in t."""
+
+    def __init__(self, dim_in: int, dim_out: int, conv: bool):
+        super().__init__()
+        self.layer = _base_layer(dim_in, dim_out, conv)
+        self.gate = nn.Linear(1, dim_out)
+        self.shift = nn.Linear(1, dim_out, bias=False)
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        tt = t.to(x.dtype).reshape(1, 1)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return self.layer(x) * torch.sigmoid(self.gate(tt)).reshape(shape) + self.shift(tt).reshape(shape)
+
+
+def time_layer(layer_type: str, dim_in: int, dim_out: int, conv: bool) -> nn.Module:
+    if layer_type == "concat":
+        return ConcatLayer(dim_in, dim_out, conv)
+    if layer_type == "concatsquash":
+        return ConcatSquashLayer(dim_in, dim_out, conv)
+    raise ValueError(f"unknown layer_type {layer_type!r}; use one of {LAYER_TYPES}")
+
+
+class ODENet(nn.Module):
+    """f(t, z): time-conditioned layers ``channels -> hidden... -> channels``.
+
+    ``zero_last``: the last layer's weights start at zero (RNODE's ``zero_last_weight``),
+    so f starts constant in z: the flow starts as a translation with log-det 0.
+    """
+
+    def __init__(self, channels: int, hidden: tuple[int, ...] | list[int], conv: bool = True,
+                 layer_type: str = "concat", nonlinearity: str = "softplus", zero_last: bool = False):
+        super().__init__()
+        if nonlinearity not in NONLINEARITIES:
+            raise ValueError(f"unknown nonlinearity {nonlinearity!r}; use one of {tuple(NONLINEARITIES)}")
+        dims = [channels, *hidden, channels]
+        self.layers = nn.ModuleList(time_layer(layer_type, a, b, conv) for a, b in zip(dims[:-1], dims[1:]))
+        self.activation = NONLINEARITIES[nonlinearity]()
+        if zero_last:
+            with torch.no_grad():
+                for name, p in self.layers[-1].named_parameters():
+                    if name.endswith("weight"):
+                        p.zero_()
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        h = z
+        for i, layer in enumerate(self.layers):
+            h = layer(t, h)
+            if i < len(self.layers) - 1:
+                h = self.activation(h)
+        return h

@@ -1,0 +1,123 @@
+"""A continuous normalizing flow as a Transform (FFJORD, Grathwohl et al. 2019):
+
+    z = x + int_0^T f(z(t), t) dt,    log|det dz/dx| = int_0^T tr(df/dz)(z(t), t) dt
+
+solved by torchdiffeq (``odeint``, or ``odeint_adjoint`` for O(1)-memory gradients) with
+the augmented dynamics of ``dynamics.py``.  ``inverse`` integrates dz/dt = f back from T
+to 0.  T is learnable (stored as sqrt(T), so T = s^2 > 0, as in FFJORD) or a fixed buffer.
+Train and eval mode use their own solver settings (``SolverSettings``) and trace
+(Hutchinson or exact).  In training with ``regularize`` the RNODE states (kinetic energy,
+Jacobian Frobenius norm) are integrated too; they are kept out of the step-size control
+(as in the official code) and exposed as ``last_regularizers`` for the trainer's
+auxiliary losses.  ``nfe()`` counts evaluations of f of the last forward solve, of the
+adjoint's backward solve that followed it, and of the last inverse.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchdiffeq import odeint, odeint_adjoint
+
+from models.core.transform import Transform
+from models.transforms.continuous.dynamics import AugmentedDynamics
+from models.transforms.continuous.regularizers import REGULARIZERS
+from models.transforms.continuous.trace import TRACE_TYPES, sample_noise
+
+FIXED_STEP_SOLVERS = ("euler", "midpoint", "rk4", "explicit_adams", "implicit_adams")
+ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2")
+SOLVERS = ADAPTIVE_SOLVERS + FIXED_STEP_SOLVERS
+
+
+def _error_norm(states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Step-size control on z and dlogp only (torchdiffeq's mixed RMS norm over them)."""
+    return torch.stack([s.pow(2).mean().sqrt() for s in states[:2]]).max()
+
+
+@dataclass
+class SolverSettings:
+    method: str = "dopri5"
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    step_size: float = 0.25  # fixed-step solvers only
+
+    def __post_init__(self):
+        if self.method not in SOLVERS:
+            raise ValueError(f"unknown ODE solver {self.method!r}; use one of {SOLVERS}")
+
+    def options(self) -> dict:
+        if self.method in FIXED_STEP_SOLVERS:
+            return {"step_size": self.step_size}
+        return {"norm": _error_norm}
+
+
+class CNF(Transform):
+    exact_ldj = False      # Hutchinson in general (exact only with trace="exact")
+    exact_inverse = False  # numerical ODE solve
+
+    def __init__(self, net: nn.Module, end_time: float = 1.0, train_end_time: bool = True,
+                 train_solver: SolverSettings | None = None, test_solver: SolverSettings | None = None,
+                 trace: str = "hutchinson", trace_eval: str = "hutchinson", noise: str = "rademacher",
+                 adjoint: bool = True, regularize: bool = False):
+        super().__init__()
+        for name, value in (("trace", trace), ("trace_eval", trace_eval)):
+            if value not in TRACE_TYPES:
+                raise ValueError(f"unknown {name} {value!r}; use one of {TRACE_TYPES}")
+        if end_time <= 0:
+            raise ValueError("the CNF's end time must be positive")
+        self.dynamics = AugmentedDynamics(net)
+        sqrt_t = torch.tensor(math.sqrt(end_time))
+        if train_end_time:
+            self.sqrt_end_time = nn.Parameter(sqrt_t)
+        else:
+            self.register_buffer("sqrt_end_time", sqrt_t)
+        self.train_solver = train_solver or SolverSettings()
+        self.test_solver = test_solver or self.train_solver
+        self.trace_train, self.trace_eval, self.noise = trace, trace_eval, noise
+        self.adjoint, self.regularize = adjoint, regularize
+        self.last_regularizers: dict[str, torch.Tensor] = {}
+
+    def end_time(self) -> torch.Tensor:
+        return self.sqrt_end_time * self.sqrt_end_time
+
+    def _trace(self) -> str:
+        return self.trace_train if self.training else self.trace_eval
+
+    def _solve(self, states: tuple[torch.Tensor, ...], times: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        s = self.train_solver if self.training else self.test_solver
+        kwargs = {"rtol": s.rtol, "atol": s.atol, "method": s.method, "options": s.options()}
+        if self.adjoint and torch.is_grad_enabled():
+            out = odeint_adjoint(self.dynamics, states, times, **kwargs)
+        else:
+            out = odeint(self.dynamics, states, times, **kwargs)
+        return tuple(o[-1] for o in out)
+
+    def _times(self, x: torch.Tensor, reverse: bool) -> torch.Tensor:
+        t = torch.stack([torch.zeros_like(self.sqrt_end_time), self.end_time()]).to(x.dtype)
+        return t.flip(0) if reverse else t
+
+    def forward(self, x, context=None):
+        trace = self._trace()
+        noise = sample_noise(self.noise, x) if trace == "hutchinson" else None
+        regularize = self.regularize and self.training
+        zeros = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+        states = (x, zeros) + ((zeros, zeros) if regularize else ())
+        self.dynamics.reset_counts()
+        self.dynamics.start_solve("forward", trace, noise)
+        out = self._solve(states, self._times(x, reverse=False))
+        self.dynamics.start_solve("backward", trace, noise)  # the adjoint solve, if any, comes next
+        self.last_regularizers = dict(zip(REGULARIZERS, out[2:]))
+        return out[0], -out[1]
+
+    def inverse(self, z, context=None, *, temperature=1.0):
+        phase = self.dynamics.phase
+        self.dynamics.nfe["inverse"] = 0
+        self.dynamics.start_solve("inverse")
+        x = self._solve((z,), self._times(z, reverse=True))[0]
+        self.dynamics.phase = phase
+        return x
+
+    def nfe(self) -> dict[str, int]:
+        return dict(self.dynamics.nfe)

@@ -1,0 +1,251 @@
+"""Tests of FFJORD / RNODE (models/transforms/continuous, models/nets/ode_nets.py,
+models/architectures/ffjord.py): the CNF's log-density against a brute-force integration
+of the instantaneous change of variables, unbiased Hutchinson traces, reconstruction,
+adjoint against direct gradients, gradients of every parameter, NFE counting, solver
+settings per mode, sampling, the paper's parameter counts and a short training run."""
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+
+from engine.config import load_config
+from engine.metrics import bits_per_dim
+from models.architectures import build_model, ffjord
+from models.nets.ode_nets import ODENet
+from models.transforms.continuous.cnf import CNF, SolverSettings
+from models.transforms.continuous.trace import exact_trace, hutchinson_trace, sample_noise
+from tests.helpers import (ROOT, SUBSET, assert_all_parameters_get_gradient, assert_invertible, needs_subset,
+                           read_metric, run_command)
+
+TIGHT = SolverSettings("dopri5", atol=1e-10, rtol=1e-10)
+
+
+def cnf_2d(layer_type="concat", end_time=0.8, **kw):
+    net = ODENet(2, [16, 16], conv=False, layer_type=layer_type, nonlinearity="tanh")
+    with torch.no_grad():  # stronger than the default init: a clearly non-trivial flow
+        for p in net.parameters():
+            p.mul_(2.5)
+    kw = {"train_solver": TIGHT, "test_solver": TIGHT, "trace": "exact", "trace_eval": "exact", **kw}
+    return CNF(net, end_time=end_time, **kw)
+
+
+def tiny_ffjord(shape=(3, 8, 8), **overrides):
+    cfg = {"name": "ffjord", **ffjord.DEFAULTS, "scales": 2, "blocks": 1, "hidden_dims": [4],
+           "solver": "dopri5", "atol": 1e-3, "rtol": 1e-3, **overrides}
+    return build_model(cfg, shape, 8).to(torch.get_default_dtype())
+
+
+def images(n, shape=(3, 8, 8)):
+    return torch.randint(0, 256, (n, *shape)).to(torch.get_default_dtype())
+
+
+def rk4_brute_force(net, x, end_time, noise=None, n_steps=200):
+    """Integrate [z, log-det, kinetic, Jacobian] by hand with classical RK4 on a fine grid;
+    the Jacobian of f comes from torch.func (exact), the trace from it (or e^T J e with
+    ``noise``)."""
+    def jac_at(t, z):
+        return torch.func.vmap(torch.func.jacrev(lambda v: net(t, v[None])[0]))(z)
+
+    def rates(t, z):
+        with torch.no_grad():
+            f = net(t, z)
+        jac = jac_at(t, z).detach()
+        trace = (torch.einsum("bi,bij,bj->b", noise, jac, noise) if noise is not None
+                 else jac.diagonal(dim1=1, dim2=2).sum(1))
+        return [f, trace, 0.5 * f.pow(2).mean(1), jac.pow(2).sum((1, 2)) / z.shape[1]]
+
+    h = end_time / n_steps
+    z, acc = x.clone(), [torch.zeros(x.shape[0], dtype=x.dtype) for _ in range(3)]
+    for k in range(n_steps):
+        t = torch.tensor(k * h, dtype=x.dtype)
+        k1 = rates(t, z)
+        k2 = rates(t + h / 2, z + h / 2 * k1[0])
+        k3 = rates(t + h / 2, z + h / 2 * k2[0])
+        k4 = rates(t + h, z + h * k3[0])
+        incr = [h / 6 * (a + 2 * b + 2 * c + d) for a, b, c, d in zip(k1, k2, k3, k4)]
+        z = z + incr[0]
+        acc = [a + i for a, i in zip(acc, incr[1:])]
+    return z, acc
+
+
+@pytest.mark.parametrize("layer_type", ["concat", "concatsquash"])
+def test_exact_trace_log_density_matches_brute_force_integration(float64, layer_type):
+    """2-D data, exact trace: z(T), the CNF's ldj, log p(x) and both RNODE integrals equal a
+    hand-rolled fine RK4 integration of the instantaneous change of variables."""
+    cnf = cnf_2d(layer_type, regularize=True).train()
+    x = torch.randn(6, 2) * 1.5
+    z, ldj = cnf(x)
+    z_ref, (ldj_ref, ke_ref, jf_ref) = rk4_brute_force(cnf.dynamics.net, x, 0.8)
+    assert float(ldj.detach().abs().max()) > 0.1  # a non-trivial volume change
+    torch.testing.assert_close(z.detach(), z_ref, atol=1e-7, rtol=0)
+    torch.testing.assert_close(ldj.detach(), ldj_ref, atol=1e-7, rtol=0)
+    log_px = -0.5 * z.pow(2).sum(1) - math.log(2 * math.pi) + ldj
+    log_px_ref = -0.5 * z_ref.pow(2).sum(1) - math.log(2 * math.pi) + ldj_ref
+    torch.testing.assert_close(log_px.detach(), log_px_ref, atol=1e-7, rtol=0)
+    torch.testing.assert_close(cnf.last_regularizers["kinetic_energy"].detach(), ke_ref, atol=1e-7, rtol=0)
+    torch.testing.assert_close(cnf.last_regularizers["jacobian_norm2"].detach(), jf_ref, atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("noise", ["rademacher", "gaussian"])
+def test_hutchinson_noise_is_drawn_once_and_held_during_the_solve(float64, noise):
+    """With Hutchinson's trace the ldj is int e^T J e dt for ONE noise vector per example:
+    the brute-force integral with that same (stored) noise reproduces it."""
+    cnf = cnf_2d(trace="hutchinson", trace_eval="hutchinson", noise=noise).eval()
+    x = torch.randn(5, 2)
+    with torch.no_grad():
+        _, ldj = cnf(x)
+    e = cnf.dynamics.noise
+    _, (ldj_ref, _, _) = rk4_brute_force(cnf.dynamics.net, x, 0.8, noise=e)
+    torch.testing.assert_close(ldj, ldj_ref, atol=1e-7, rtol=0)
+    _, (ldj_exact, _, _) = rk4_brute_force(cnf.dynamics.net, x, 0.8)
+    assert float((ldj - ldj_exact).abs().max()) > 1e-4  # a real estimate, not the exact trace
+
+
+@pytest.mark.parametrize("noise", ["rademacher", "gaussian"])
+def test_hutchinson_estimates_are_unbiased(float64, noise):
+    """Mean of e^T J e (and of mean((e^T J)^2)) over many noise draws -> tr J (||J||_F^2 / D)."""
+    net = ODENet(4, [16], conv=False, nonlinearity="softplus")
+    n = 40000
+    z = torch.randn(1, 4).expand(n, 4).clone().requires_grad_(True)
+    t = torch.tensor(0.3)
+    e = sample_noise(noise, z)
+    est_tr, est_jf = hutchinson_trace(net(t, z), z, e, create_graph=False)
+    z0 = z[:1].detach().clone().requires_grad_(True)
+    tr, jf = exact_trace(net(t, z0), z0, create_graph=False)
+    for est, exact in ((est_tr, tr[0]), (est_jf, jf[0])):
+        assert float(est.std()) > 1e-3  # a noisy estimator ...
+        se = float(est.std()) / math.sqrt(n)
+        assert abs(float(est.mean()) - float(exact)) < 5 * se, (float(est.mean()), float(exact), se)  # ... unbiased
+
+
+def test_cnf_ldj_with_hutchinson_is_unbiased_for_the_exact_ldj(float64):
+    """One 2-D point repeated: the mean Hutchinson ldj over solves equals the exact-trace ldj."""
+    cnf = cnf_2d(trace="hutchinson", trace_eval="hutchinson", noise="gaussian",
+                 test_solver=SolverSettings("dopri5", 1e-7, 1e-7)).eval()
+    n = 4000
+    x = torch.randn(1, 2).expand(n, 2).clone()
+    with torch.no_grad():
+        _, ldj = cnf(x)
+        cnf.trace_eval = "exact"
+        _, ldj_exact = cnf(x[:1])
+    se = float(ldj.std()) / math.sqrt(n)
+    assert float(ldj.std()) > 1e-3
+    assert abs(float(ldj.mean() - ldj_exact[0])) < 5 * se
+
+
+def test_forward_then_reverse_integration_reconstructs(float64):
+    cnf_2d_ = cnf_2d().eval()
+    assert_invertible(cnf_2d_, torch.randn(8, 2) * 2, atol=1e-7)
+    net = ODENet(3, [8, 8], conv=True, layer_type="concatsquash")
+    conv = CNF(net, end_time=0.7, train_solver=TIGHT, test_solver=TIGHT).eval()
+    assert_invertible(conv, torch.randn(4, 3, 4, 4), atol=1e-7)
+    # the whole model: decode(encode(x)) gives back the integer image
+    model = tiny_ffjord(atol=1e-9, rtol=1e-9, test_atol=1e-9, test_rtol=1e-9, zero_last=False).eval()
+    x = images(3)
+    eps, latents = model.encode(x)
+    assert torch.equal(model.decode(eps, latents), x)
+
+
+def _grads(adjoint: bool, x: torch.Tensor):
+    torch.manual_seed(1)
+    net = ODENet(3, [8], conv=True, layer_type="concatsquash", nonlinearity="softplus")
+    settings = SolverSettings("dopri5", 1e-10, 1e-10)
+    cnf = CNF(net, end_time=0.9, train_end_time=True, train_solver=settings, trace="hutchinson",
+              noise="gaussian", adjoint=adjoint, regularize=True).train()
+    torch.manual_seed(2)  # the same noise in both runs
+    z, ldj = cnf(x)
+    loss = (z.pow(2).sum() - ldj.sum() + sum(r.sum() for r in cnf.last_regularizers.values()))
+    loss.backward()
+    return {name: p.grad.clone() for name, p in cnf.named_parameters()}, cnf.nfe()
+
+
+def test_adjoint_gradients_match_direct_backpropagation(float64):
+    x = torch.randn(3, 3, 4, 4)
+    direct, nfe_direct = _grads(False, x)
+    adjoint, nfe_adjoint = _grads(True, x)
+    assert "sqrt_end_time" in adjoint  # the learnable end time gets its gradient from the adjoint too
+    for name in direct:
+        torch.testing.assert_close(adjoint[name], direct[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert nfe_direct["backward"] == 0 and nfe_adjoint["backward"] > 0
+
+
+@pytest.mark.parametrize("layer_type", ["concat", "concatsquash"])
+def test_every_parameter_receives_a_gradient(layer_type):
+    model = tiny_ffjord(layer_type=layer_type, train_end_time=True, kinetic_energy=0.01, jacobian_norm2=0.01).train()
+    x = images(4)
+    loss = bits_per_dim(model(x), model.num_dims).mean()
+    aux = model.auxiliary_losses()
+    assert set(aux) == {"kinetic_energy", "jacobian_norm2"} and all(float(v) > 0 for v in aux.values())
+    assert_all_parameters_get_gradient(model, loss + sum(aux.values()))
+
+
+def test_auxiliary_losses_are_coefficient_times_summed_block_means():
+    model = tiny_ffjord(kinetic_energy=0.5, jacobian_norm2=0.0, zero_last=False).train()
+    model(images(4))
+    cnfs = model.cnfs()
+    expected = 0.5 * sum(float(c.last_regularizers["kinetic_energy"].mean()) for c in cnfs)
+    aux = model.auxiliary_losses()
+    assert set(aux) == {"kinetic_energy"} and float(aux["kinetic_energy"]) == pytest.approx(expected)
+    plain = tiny_ffjord().train()
+    plain(images(2))
+    assert plain.auxiliary_losses() == {}  # FFJORD: no regulariser states are even integrated
+    assert all(c.last_regularizers == {} for c in plain.cnfs())
+
+
+def test_nfe_is_counted_per_step_and_eval_uses_the_test_solver():
+    model = tiny_ffjord(solver="euler", step_size=0.5, test_solver="rk4", test_step_size=0.25, adjoint=True,
+                        train_end_time=False)  # (a learnable T costs the adjoint one more evaluation, for dL/dT)
+    n_cnf = len(model.cnfs())
+    assert n_cnf == 3  # 3x8x8, squeeze, 12x4x4, factor out half, 6x4x4
+    model.train()
+    loss = -model(images(2)).mean()
+    assert model.diagnostics()["ffjord/nfe_forward"] == 2 * n_cnf  # euler, 2 steps
+    loss.backward()
+    diag = model.diagnostics()
+    assert diag["ffjord/nfe_forward"] == 2 * n_cnf and diag["ffjord/nfe_backward"] == 2 * n_cnf
+    model.eval()
+    with torch.no_grad():
+        model(images(2))
+    diag = model.diagnostics()  # counters reset by every forward
+    assert diag["ffjord/nfe_forward"] == 16 * n_cnf and diag["ffjord/nfe_backward"] == 0  # rk4: 4 steps x 4
+
+
+def test_sampling_by_reverse_integration():
+    model = tiny_ffjord(test_solver="rk4", test_step_size=0.5).eval()
+    x = model.sample(3, temperature=0.7)
+    assert x.shape == (3, 3, 8, 8) and torch.isfinite(x).all()
+    assert float(x.min()) >= 0 and float(x.max()) <= 255 and torch.equal(x, x.round())
+    assert all(c.nfe()["inverse"] == 8 for c in model.cnfs())
+
+
+def test_paper_parameter_counts():
+    """ODENVP 4 scales x (2 + 2) CNFs - 2 = 14 blocks of 3x3 concat convs 64-64-64: 1,358,868
+    weights, plus one learnable end time per block in FFJORD (RNODE fixes T)."""
+    for config, params in (("ffjord_cifar10.yaml", 1_358_882), ("rnode_cifar10.yaml", 1_358_868)):
+        cfg = load_config(f"{ROOT}/experiments/{config}", [])
+        model = build_model(cfg["model"], (3, 32, 32), 8)
+        assert len(model.cnfs()) == 14
+        assert sum(p.numel() for p in model.parameters() if p.requires_grad) == params == cfg["paper"]["params"]
+    assert cfg["model"]["kinetic_energy"] == cfg["model"]["jacobian_norm2"] == 0.01
+    assert cfg["model"]["logit_alpha"] == 0.05 and not cfg["model"]["train_end_time"]
+
+
+@needs_subset
+def test_a_few_training_steps_lower_bpd_on_the_subset(tmp_path):
+    """A tiny RNODE-regularised CNF (fixed-step rk4) trained 15 steps through train.py."""
+    out = tmp_path / "run"
+    args = [sys.executable, "train.py", "experiments/ffjord_small.yaml", "--out", str(out), f"data.path={SUBSET}",
+            "model.scales=1", "model.blocks=1", "model.hidden_dims=[8]", "model.solver=rk4", "model.step_size=0.5",
+            "model.test_solver=rk4", "model.test_step_size=0.5", "model.kinetic_energy=0.01",
+            "model.jacobian_norm2=0.01", "train.steps=15", "train.batch_size=8", "train.lr=0.01",
+            "train.warmup_steps=0", "train.log_every=5", "train.eval_every=15", "train.checkpoint_every=0",
+            "train.sample_every=0", "eval.batch_size=32", "eval.max_examples=32"]
+    run_command(args)
+    test_bpd = read_metric(out, "test/bpd")
+    assert set(test_bpd) == {0, 15}
+    assert test_bpd[15] < test_bpd[0] - 0.2, test_bpd
+    nfe = read_metric(out, "diag/ffjord/nfe_forward")
+    assert nfe and all(v == 8 for v in nfe.values())  # rk4 at step 0.5 on [0, 1], one block
