@@ -34,9 +34,12 @@ DEFAULTS = {
         "optimizer": "adam",     # adam | adamw | adamax
         "lr": 1e-3,
         "betas": [0.9, 0.999],
+        "eps": 1e-8,             # optimizer epsilon (IDF: Adamax with 1e-7)
         "weight_decay": 0.0,
         "warmup_steps": 0,       # linear warm-up from 0
-        "schedule": "constant",  # constant | cosine (after warm-up)
+        "schedule": "constant",  # constant | cosine | exponential (after warm-up)
+        "decay_rate": 1.0,       # exponential: lr *= decay_rate every decay_every_steps
+        "decay_every_steps": 1,  # e.g. one epoch of steps for IDF's 0.999 per epoch
         "grad_clip": 0.0,        # max global grad norm; 0 = off
         "ema": 0.0,              # EMA decay; 0 = off. Eval and sampling use EMA when on
         "mixed_precision": "no", # no | bf16 (log-dets, priors, bpd stay float32)
@@ -75,7 +78,7 @@ OPTIONAL_TYPES = {
 CHOICES = {
     ("data", "name"): ("cifar10", "npz", "mnist", "fashion_mnist"),
     ("train", "optimizer"): ("adam", "adamw", "adamax"),
-    ("train", "schedule"): ("constant", "cosine"),
+    ("train", "schedule"): ("constant", "cosine", "exponential"),
     ("train", "mixed_precision"): ("no", "bf16"),
 }
 

@@ -24,7 +24,7 @@ def make_model(cfg: dict, data_shape, num_bits: int):
 def make_optimizer(cfg: dict, params) -> torch.optim.Optimizer:
     t = cfg["train"]
     kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adamax": torch.optim.Adamax}
-    return kinds[t["optimizer"]](params, lr=t["lr"], betas=tuple(t["betas"]), weight_decay=t["weight_decay"])
+    return kinds[t["optimizer"]](params, lr=t["lr"], betas=tuple(t["betas"]), eps=t["eps"], weight_decay=t["weight_decay"])
 
 
 def count_parameters(model: torch.nn.Module) -> int:

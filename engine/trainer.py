@@ -104,7 +104,8 @@ class Trainer:
     def train_step(self, step: int) -> dict | None:
         """One optimizer step; returns its metrics, or None if it was skipped as non-finite."""
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(step, self.t["lr"], self.t["warmup_steps"], self.t["steps"], self.t["schedule"])
+            group["lr"] = learning_rate(step, self.t["lr"], self.t["warmup_steps"], self.t["steps"], self.t["schedule"],
+                                        self.t["decay_rate"], self.t["decay_every_steps"])
         x = self._batch(step)
         torch.manual_seed(_step_seed(self.t["seed"], step, self.rank))
         with self.acc.autocast():

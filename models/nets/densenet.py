@@ -1,0 +1,51 @@
+"""The DenseNet conditioner of Integer Discrete Flows (Hoogeboom et al. 2019, official ``models/networks.py``).
+
+    DenseLayer:  h = [x, ReLU(conv3x3(ReLU(conv1x1(x))))]           (n -> n + growth channels)
+    DenseBlock:  ``depth`` dense layers whose growths sum to ``hidden_channels``
+                 (growth_d = remaining // (depth - d), so the channels grow evenly)
+    DenseNet:    DenseBlock(c_in -> c_in + hidden) -> zero-initialised conv3x3 -> c_out
+
+The last convolution starts at zero, so a new coupling is the identity and a new split
+prior outputs zeros.  IDF's CIFAR-10 networks: depth 12, hidden (total growth) 512.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class DenseLayer(nn.Module):
+    def __init__(self, in_channels: int, growth: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, in_channels, 1), nn.ReLU(),
+            nn.Conv2d(in_channels, growth, 3, padding=1), nn.ReLU(),
+        )
+
+    def forward(self, x):
+        return torch.cat([x, self.net(x)], dim=1)
+
+
+def dense_growths(total: int, depth: int) -> list[int]:
+    """Per-layer growths that sum to ``total``: each takes remaining // layers left."""
+    growths = []
+    for d in range(depth):
+        growths.append(total // (depth - d))
+        total -= growths[-1]
+    return growths
+
+
+class DenseNet(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 512, depth: int = 12):
+        super().__init__()
+        layers, channels = [], in_channels
+        for growth in dense_growths(hidden_channels, depth):
+            layers.append(DenseLayer(channels, growth))
+            channels += growth
+        self.block = nn.Sequential(*layers)
+        self.out = nn.Conv2d(channels, out_channels, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x):
+        return self.out(self.block(x))
