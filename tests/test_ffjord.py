@@ -182,6 +182,14 @@ def test_every_parameter_receives_a_gradient(layer_type):
     assert_all_parameters_get_gradient(model, loss + sum(aux.values()))
 
 
+def test_direct_backprop_from_a_zero_initialised_last_layer_has_finite_gradients():
+    """Zero last layer: f is constant and dlogp stays 0; the adaptive solver's step-size
+    control must not be differentiated (d sqrt(0) = inf)."""
+    model = tiny_ffjord(zero_last=True, adjoint=False).train()
+    (-model(images(4)).mean()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def test_auxiliary_losses_are_coefficient_times_summed_block_means():
     model = tiny_ffjord(kinetic_energy=0.5, jacobian_norm2=0.0, zero_last=False).train()
     model(images(4))

@@ -32,8 +32,12 @@ SOLVERS = ADAPTIVE_SOLVERS + FIXED_STEP_SOLVERS
 
 
 def _error_norm(states: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Step-size control on z and dlogp only (torchdiffeq's mixed RMS norm over them)."""
-    return torch.stack([s.pow(2).mean().sqrt() for s in states[:2]]).max()
+    """Step-size control on z and dlogp only (torchdiffeq's mixed RMS norm over them).
+
+    Detached: step sizes are not differentiated when backpropagating through the solver
+    (the RMS norm of an all-zero state, e.g. dlogp under a zero-initialised last layer,
+    has an infinite derivative and would turn every gradient into NaN)."""
+    return torch.stack([s.detach().pow(2).mean().sqrt() for s in states[:2]]).max()
 
 
 @dataclass
