@@ -309,3 +309,17 @@ def test_training_the_categorical_config_lowers_test_bpd(tmp_path):
     test_bpd = read_metric(out, "test/bpd")
     assert set(test_bpd) == {0, 25}
     assert test_bpd[25] < test_bpd[0] - 0.5 and test_bpd[25] < 3.0, test_bpd
+
+
+# ---- the dequantizer comparison's per-run overrides -------------------------------------------------------
+
+def test_equal_budget_per_run_overrides():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("equal_budget", os.path.join(ROOT, "benchmarks", "equal_budget.py"))
+    equal_budget = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(equal_budget)
+    assert equal_budget.parse_run("experiments/glow_small.yaml") == ("glow_small", "experiments/glow_small.yaml", [])
+    assert equal_budget.parse_run("a/flowpp_small.yaml::model.dequantization=argmax::train.lr=2e-3") == (
+        "flowpp_small_argmax_2e-3", "a/flowpp_small.yaml", ["model.dequantization=argmax", "train.lr=2e-3"])
+    with pytest.raises(SystemExit):
+        equal_budget.parse_run("x.yaml::oops")
