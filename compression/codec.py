@@ -126,7 +126,7 @@ class FlowCodec:
             lo, hi = [int(y.min()) for y in syms], [int(y.max()) for y in syms]
             lows = lo if lows is None else [min(a, b) for a, b in zip(lows, lo)]
             highs = hi if highs is None else [max(a, b) for a, b in zip(highs, hi)]
-        ranges = list(zip(lows, highs))
+        ranges = [(lo, max(hi, lo + 1)) for lo, hi in zip(lows, highs)]  # constriction needs >= 2 symbols
         for lo, hi in ranges:
             if hi - lo + 1 > MAX_ALPHABET:
                 raise FlowlabError(f"a latent spans {lo}..{hi}, more than {MAX_ALPHABET} symbols; the model has diverged")
