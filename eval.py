@@ -4,7 +4,8 @@
     python eval.py --table RUN_DIR [RUN_DIR ...]
     python eval.py RUN_DIR --iw-samples 4096 [--iw-chunk 64]
 
-bits/dim is the mean over the whole split +- its standard error.  For models with
+bits/dim is the mean over the whole split +- its standard error; the output says whether
+each image's number is exact (IDF), an estimate (stochastic log-dets) or a bound.  For models with
 stochastic (uniform or variational) dequantization it is the single-sample variational
 bound (K=1); ``--iw-samples K`` adds the importance-weighted bound
 log (1/K) sum_k p(x + u_k) / q(u_k | x) (Flow++'s evaluation), computed ``--iw-chunk``
@@ -40,10 +41,21 @@ def evaluate_run(run_dir: str, split: str, batch_size: int | None, device: str, 
         r = evaluate_bpd(model, images, batch_size, seed=cfg["train"]["seed"] + 1, iw_samples=iw_samples, iw_chunk=iw_chunk)
         iw = {"bpd": r["bpd"], "stderr": r["stderr"], "n": r["n"], "nonfinite": r["nonfinite"], "k": iw_samples,
               "bound": f"importance-weighted (K={iw_samples})"}
-    return {"run": run_dir, "model": cfg["model"]["name"], "split": split, **result, "bound": "single-sample (K=1)",
+    return {"run": run_dir, "model": cfg["model"]["name"], "split": split, **result, "bound": bound_kind(model),
             "stochastic": model.is_stochastic, "iw": iw,
             "step": info["step"], "images_seen": info["images_seen"], "ema": info["ema"],
             "num_params": sum(p.numel() for p in model.parameters()), "data": data.source, "paper": cfg["paper"]}
+
+
+def bound_kind(model) -> str:
+    """What the per-image number is: a single-sample variational bound (a layer draws noise:
+    dequantization, argmax), else an estimate of log p (a layer's log-det is estimated:
+    Russian roulette, Hutchinson's trace), else the exact log P(x) (IDF)."""
+    if model.is_stochastic:
+        return "single-sample (K=1)"
+    if all(getattr(t, "exact_ldj", True) for t in model.modules() if hasattr(t, "exact_ldj")):
+        return "exact"
+    return "estimated"
 
 
 def _fmt(value, spec: str) -> str:
@@ -90,7 +102,7 @@ def main():
     else:
         r = rows[0]
         print(f"{r['split']} bpd: {r['bpd']:.4f} ± {r['stderr']:.4f} (mean ± s.e. over n={r['n']} images, "
-              f"{r['bound']} bound, step {r['step']}, EMA {'on' if r['ema'] else 'off'}; data: {r['data']})")
+              f"{r['bound']}{' bound' if r['stochastic'] else ' log-likelihood'}, step {r['step']}, EMA {'on' if r['ema'] else 'off'}; data: {r['data']})")
         if r["iw"]:
             print(f"{r['split']} bpd (IW, K={r['iw']['k']}): {r['iw']['bpd']:.4f} ± {r['iw']['stderr']:.4f} "
                   f"(mean ± s.e. over n={r['iw']['n']} images, {r['iw']['bound']} bound; "
