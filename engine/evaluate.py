@@ -27,6 +27,13 @@ def seeded(seed: int, device: torch.device):
         yield
 
 
+def eval_seed(seed: int, rank: int) -> int:
+    """The evaluation noise stream of ``seed`` on ``rank``: never ``seed`` itself, which the
+    trainer's data-dependent init draws its noise from (an ActNorm initialised on exactly the
+    noise it is then scored on would flatter an untrained model's bits/dim)."""
+    return ((seed + 1) * 2_654_435_761 + 7919 * rank) % (2**63 - 1)
+
+
 @torch.no_grad()
 def per_example_bpd(model, images: torch.Tensor, batch_size: int, device, rank: int = 0, world_size: int = 1,
                     seed: int = 0, autocast=contextlib.nullcontext, iw_samples: int = 1,
@@ -38,7 +45,7 @@ def per_example_bpd(model, images: torch.Tensor, batch_size: int, device, rank: 
     was_training = model.training
     model.eval()
     idx_out, bpd_out = [], []
-    with seeded(seed + 7919 * rank, torch.device(device)):
+    with seeded(eval_seed(seed, rank), torch.device(device)):
         for idx in eval_batches(images.shape[0], batch_size, rank, world_size):
             if idx.numel() == 0:
                 continue

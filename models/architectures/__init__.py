@@ -10,6 +10,9 @@ ARCHITECTURES = {
     "resflow": "models.architectures.resflow",
     "flowpp": "models.architectures.flowpp",
     "realnvp": "models.architectures.realnvp",
+    "ffjord": "models.architectures.ffjord",
+    "idf": "models.architectures.idf",
+    "argmax": "models.architectures.argmax",
 }
 
 
