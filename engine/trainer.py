@@ -236,6 +236,8 @@ class Trainer:
                 for name, value in [("train/bpd", bpd), ("train/lr", last["lr"]), ("train/grad_norm", float(last["grad_norm"])),
                                     ("train/img_per_s", img_s), ("train/nonfinite_steps", self.nonfinite_total)]:
                     self._record(name, value)
+                for name in (k for k in last if k.startswith("aux/")):  # weighted auxiliary losses (RNODE, ...)
+                    self._record(f"train/{name}", self.acc.reduce(last[name].reshape(1).float(), reduction="mean").item())
                 if hasattr(self.model, "diagnostics"):
                     for name, value in self.model.diagnostics().items():
                         self._record(f"diag/{name}", float(value))

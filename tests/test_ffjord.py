@@ -257,3 +257,6 @@ def test_a_few_training_steps_lower_bpd_on_the_subset(tmp_path):
     assert test_bpd[15] < test_bpd[0] - 0.2, test_bpd
     nfe = read_metric(out, "diag/ffjord/nfe_forward")
     assert nfe and all(v == 8 for v in nfe.values())  # rk4 at step 0.5 on [0, 1], one block
+    for name in ("kinetic_energy", "jacobian_norm2"):  # the trainer logs the weighted regularisers
+        logged = read_metric(out, f"train/aux/{name}")
+        assert set(logged) == {5, 10, 15} and all(0 < v < 1e3 for v in logged.values()), (name, logged)
