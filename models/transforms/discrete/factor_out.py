@@ -17,8 +17,9 @@ import math
 import torch
 from torch import nn
 
-from models.core.transform import Transform, sum_except_batch
+from models.core.transform import sum_except_batch
 from models.transforms.discrete.discretized_logistic import DiscretizedLogisticMixture
+from models.transforms.surjections.split import FactorOut
 
 
 def params_per_channel(num_mixtures: int) -> int:
@@ -36,15 +37,11 @@ def mixture_from_net_output(h: torch.Tensor, num_mixtures: int, bin_scale: float
     return DiscretizedLogisticMixture(means, log_scales, logits)
 
 
-class IntegerFactorOut(Transform):
+class IntegerFactorOut(FactorOut):
     discrete = True
-    bijective = False
-    stochastic_inverse = True
-    factors_out = True
 
     def __init__(self, prior_net: nn.Module, keep_channels: int, num_mixtures: int = 1, bin_scale: float = 256.0):
-        super().__init__()
-        self.prior_net, self.keep_channels = prior_net, keep_channels
+        super().__init__(prior_net, keep_channels)
         self.num_mixtures, self.bin_scale = num_mixtures, bin_scale
 
     def conditional_prior(self, x1: torch.Tensor) -> DiscretizedLogisticMixture:
@@ -52,12 +49,8 @@ class IntegerFactorOut(Transform):
         h = self.prior_net(x1 / self.bin_scale).to(x1.dtype)
         return mixture_from_net_output(h, self.num_mixtures, self.bin_scale)
 
-    def forward(self, x, context=None):
-        z, ldj, _ = self.split(x, context)
-        return z, ldj
-
     def split(self, x, context=None):
-        x1, x2 = x[:, : self.keep_channels], x[:, self.keep_channels :]
+        x1, x2 = self.halves(x)
         return x1, sum_except_batch(self.conditional_prior(x1).log_prob(x2)), x2
 
     def merge(self, z, latent, context=None):
@@ -65,7 +58,3 @@ class IntegerFactorOut(Transform):
 
     def inverse(self, z, context=None, *, temperature=1.0):
         return self.merge(z, self.conditional_prior(z).sample(temperature), context)
-
-    def output_shape(self, in_shape):
-        c, h, w = in_shape
-        return (self.keep_channels, h, w)

@@ -18,7 +18,12 @@ from models.core.distributions import gaussian_log_prob
 from models.core.transform import Transform, compute_dtype
 
 
-class Split(Transform):
+class FactorOut(Transform):
+    """Base of the factor-out layers: x = [x1, x2] along channels, x1 (the first
+    ``keep_channels``) goes on, x2 leaves scored by ``prior_net(x1)``.  Subclasses define
+    ``split`` (-> x1, log p(x2 | x1), latent) and ``merge``; ``forward`` is ``split``
+    without the latent."""
+
     bijective = False
     stochastic_inverse = True
     factors_out = True
@@ -27,17 +32,28 @@ class Split(Transform):
         super().__init__()
         self.prior_net, self.keep_channels = prior_net, keep_channels
 
-    def _prior(self, x1):
-        h = self.prior_net(x1)
-        h = h.to(compute_dtype(x1))
-        return h[:, 0::2], h[:, 1::2]
+    def halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x[:, : self.keep_channels], x[:, self.keep_channels :]
 
     def forward(self, x, context=None):
         z, ldj, _ = self.split(x, context)
         return z, ldj
 
+    def output_shape(self, in_shape):
+        c, h, w = in_shape
+        return (self.keep_channels, h, w)
+
+
+class Split(FactorOut):
+    """Gaussian conditional prior; the latent kept by ``split`` is the standardised eps."""
+
+    def _prior(self, x1):
+        h = self.prior_net(x1)
+        h = h.to(compute_dtype(x1))
+        return h[:, 0::2], h[:, 1::2]
+
     def split(self, x, context=None):
-        x1, x2 = x[:, : self.keep_channels], x[:, self.keep_channels :]
+        x1, x2 = self.halves(x)
         mean, log_std = self._prior(x1)
         eps = (x2.to(mean.dtype) - mean) * torch.exp(-log_std)
         return x1, gaussian_log_prob(x2, mean, log_std), eps
@@ -51,7 +67,3 @@ class Split(Transform):
         mean, log_std = self._prior(z)
         eps = temperature * torch.randn(mean.shape, device=z.device)
         return self.merge(z, eps, context)
-
-    def output_shape(self, in_shape):
-        c, h, w = in_shape
-        return (self.keep_channels, h, w)
