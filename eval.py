@@ -48,14 +48,10 @@ def evaluate_run(run_dir: str, split: str, batch_size: int | None, device: str, 
 
 
 def bound_kind(model) -> str:
-    """What the per-image number is: a single-sample variational bound (a layer draws noise:
-    dequantization, argmax), else an estimate of log p (a layer's log-det is estimated:
-    Russian roulette, Hutchinson's trace), else the exact log P(x) (IDF)."""
-    if model.is_stochastic:
-        return "single-sample (K=1)"
-    if all(getattr(t, "exact_ldj", True) for t in model.modules() if hasattr(t, "exact_ldj")):
-        return "exact"
-    return "estimated"
+    """What the per-image number is (``Flow.likelihood_kind``): a single-sample variational
+    bound (a layer draws noise: dequantization, argmax), an estimate of log p (a log-det is
+    estimated: Russian roulette, Hutchinson's trace) or the exact log P(x) (IDF, exact traces)."""
+    return {"bound": "single-sample (K=1)", "estimated": "estimated", "exact": "exact"}[model.likelihood_kind]
 
 
 def _fmt(value, spec: str) -> str:

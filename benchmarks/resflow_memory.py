@@ -28,6 +28,7 @@ def child(mode: str, terms: int, blocks: int, hidden: int, batch: int) -> dict:
 
     import torch
 
+    from models.core.compose import Compose
     from models.nets.resflow_nets import ConvResidualNet
     from models.transforms.residual.iresblock import InvertibleResidualBlock
 
@@ -36,7 +37,7 @@ def child(mode: str, terms: int, blocks: int, hidden: int, batch: int) -> dict:
     neumann, mem = MODES[mode]
     layers = [InvertibleResidualBlock(ConvResidualNet((3, 32, 32), hidden, preact=i > 0), estimator="truncated",
                                       n_terms=terms, neumann_grad=neumann, mem_efficient=mem) for i in range(blocks)]
-    model = torch.nn.Sequential(*layers).to(dev)
+    model = Compose(layers).to(dev)
     x = torch.randn(batch, 3, 32, 32, device=dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -44,10 +45,7 @@ def child(mode: str, terms: int, blocks: int, hidden: int, batch: int) -> dict:
     else:
         base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # RSS now (Linux)
     start = time.perf_counter()
-    z, total = x, 0.0
-    for layer in model:
-        z, ldj = layer(z)
-        total = total + ldj
+    z, total = model(x)
     loss = -(total.mean() - 0.5 * (z ** 2).flatten(1).sum(1).mean())
     loss.backward()
     seconds = time.perf_counter() - start

@@ -67,8 +67,7 @@ class FlowCodec:
     """Encode / decode batches of uint8 images with a discrete flow (``models.architectures.idf``)."""
 
     def __init__(self, model, num_bits: int = 8, chunk: int = 16):
-        if not (hasattr(model.base, "distribution") and all(
-                hasattr(t, "conditional_prior") for t in model.transforms if t.factors_out)):
+        if not getattr(model, "is_discrete", False):
             raise FlowlabError(f"{type(model).__name__} is not an integer flow with discrete priors; "
                                "compression needs an IDF (model.name: idf)")
         if not 1 <= chunk <= 65535:
@@ -76,20 +75,16 @@ class FlowCodec:
         self.fingerprint = model_fingerprint(model)
         self.model = copy.deepcopy(model).cpu().double().eval()
         self.num_bits, self.chunk, self.shape = num_bits, chunk, tuple(model.data_shape)
+        self.n_latents = len(self.model.factor_out_layers()) + 1
 
     # --- the two directions of the flow, latent by latent -----------------------------------------
     @torch.no_grad()
     def latents(self, x: torch.Tensor) -> list[tuple[object, torch.Tensor]]:
-        """[(P(y_1 | z_1), y_1), ..., (P(z_top), z_top)] for a float64 image batch, in encode order."""
-        z, out = x, []
-        for t in self.model.transforms:
-            if t.factors_out:
-                kept = z[:, : t.keep_channels].contiguous()
-                out.append((t.conditional_prior(kept), z[:, t.keep_channels :]))
-                z = kept
-            else:
-                z, _ = t(z)
-        out.append((self.model.base.distribution(z.shape[0]), z))
+        """[(P(y_1 | z_1), y_1), ..., (P(z_top), z_top)] for a float64 image batch, in encode order
+        (``Flow.encode``, scoring each factored-out latent where it leaves the flow)."""
+        out = []
+        top, _ = self.model.encode(x, on_split=lambda layer, kept, y: out.append((layer.latent_distribution(kept.contiguous()), y)))
+        out.append((self.model.base.distribution(top.shape[0]), top))
         for _, symbols in out:
             if not torch.equal(symbols, torch.round(symbols)):
                 raise FlowlabError("the model produced non-integer latents; only integer flows can be coded")
@@ -151,9 +146,8 @@ class FlowCodec:
         if tuple(header.shape) != self.shape or header.num_bits != self.num_bits:
             raise FlowlabError(f"file holds {header.num_bits}-bit images of shape {header.shape}; "
                                f"the model expects {self.num_bits}-bit {self.shape}")
-        n_factor = sum(1 for t in self.model.transforms if t.factors_out)
-        if len(header.ranges) != n_factor + 1:
-            raise FlowlabError(f"file has {len(header.ranges)} latents, the model {n_factor + 1}")
+        if len(header.ranges) != self.n_latents:
+            raise FlowlabError(f"file has {len(header.ranges)} latents, the model {self.n_latents}")
         coder = constriction.stream.stack.AnsCoder(words)
         out = [self._decode_chunk(coder, e - s, header.ranges) for s, e in self._chunks(header.n_images, header.chunk)]
         if not coder.is_empty():
@@ -168,14 +162,14 @@ class FlowCodec:
         return torch.from_numpy(symbols.astype(np.float64) + lo).reshape(dist.shape)
 
     def _decode_chunk(self, coder, b: int, ranges) -> np.ndarray:
+        """``Flow.decode``, popping each factored-out latent when the flow reaches its layer."""
         *split_ranges, top_range = ranges
-        z = self._pop(coder, self.model.base.distribution(b), *top_range)
-        for t in reversed(self.model.transforms):
-            if t.factors_out:
-                z = z.contiguous()
-                z = t.merge(z, self._pop(coder, t.conditional_prior(z), *split_ranges.pop()))
-            else:
-                z = t.inverse(z)
+        top = self._pop(coder, self.model.base.distribution(b), *top_range)
+
+        def pop_latent(layer, kept):
+            return self._pop(coder, layer.latent_distribution(kept.contiguous()), *split_ranges.pop())
+
+        z = self.model.decode(top, pop_latent)
         if not torch.equal(z, torch.round(z)) or z.min() < 0 or z.max() >= 2 ** self.num_bits:
             raise FlowlabError("corrupt file or wrong model: decoded pixels are outside the image range")
         return z.to(torch.uint8).numpy()

@@ -48,6 +48,7 @@ DEFAULTS = {
         "init_batch_size": 256,  # data-dependent init batch (same on every rank)
         "max_nonfinite": 20,     # consecutive non-finite steps before training stops
         "log_every": 10,
+        "layer_stats_every": 0,  # per-layer log-det / output statistics and diagnostics to TensorBoard; 0 = off
         "eval_every": 500,
         "sample_every": 500,
         "checkpoint_every": 500,

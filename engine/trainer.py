@@ -1,6 +1,7 @@
 """The model-agnostic trainer, on HF accelerate.
 
-It knows ``model(x) -> log p(x)`` (B,) and the optional hooks of ``models.core.flow``.
+It knows ``model(x, return_aux=True) -> (log p(x) (B,), auxiliary losses)`` and the hooks of
+``models.core.flow`` (which gathers them from the layers), and calls them unconditionally.
 One process, several GPUs or several nodes: start it with ``accelerate launch``.
 
 Per step: global batch ``train.batch_size`` split over processes; loss = mean bits/dim
@@ -23,11 +24,21 @@ from engine.checkpoint import checkpoint_path, load_checkpoint, load_model_state
 from engine.config import save_config
 from engine.ema import EMA
 from engine.errors import FlowlabError
-from engine.evaluate import evaluate_bpd
+from engine.evaluate import evaluate_bpd, seeded
 from engine.images import grid_layout, save_grid, to_uint8
 from engine.metrics import bits_per_dim
 from engine.schedule import learning_rate
 from engine.setup import count_parameters, load_data, make_model, make_optimizer
+
+
+def auxiliary_totals(aux: dict) -> dict:
+    """Auxiliary losses summed by their own name over layers ("transforms.3.kinetic_energy"
+    and "transforms.5.kinetic_energy" -> "kinetic_energy"), detached for logging."""
+    out = {}
+    for name, value in aux.items():
+        key = name.rsplit(".", 1)[-1]
+        out[key] = out.get(key, 0.0) + value.detach().float()
+    return out
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -53,7 +64,8 @@ class Trainer:
         ckpt = checkpoint_path(run_dir)
         if resume_state is not None:
             load_model_state(self.model, resume_state["model"], ckpt)
-        else:
+        self.model.to(self.acc.device)
+        if resume_state is None:
             self._data_init()
         self.optimizer = make_optimizer(cfg, self.model.parameters())
         self.ema = EMA(self.model, self.t["ema"]) if self.t["ema"] > 0 else None
@@ -63,7 +75,6 @@ class Trainer:
                 self.ema.load_state_dict(resume_state["ema"])
             self.step, self.images_seen = resume_state["step"], resume_state["images_seen"]
             self.nonfinite_total = resume_state.get("nonfinite_total", 0)
-        self.model.to(self.acc.device)
         if self.ema is not None:
             self.ema.shadow = {k: v.to(self.acc.device) for k, v in self.ema.shadow.items()}
         self.wrapped, self.optimizer = self.acc.prepare(self.model, self.optimizer)
@@ -75,14 +86,12 @@ class Trainer:
 
     # --- set-up ----------------------------------------------------------------------
     def _data_init(self) -> None:
-        """Data-dependent init on one seeded batch, identical on every rank, before wrapping."""
+        """Data-dependent init on one seeded batch, on the device, identical on every rank, before wrapping."""
         n = min(self.t["init_batch_size"], self.data.train.shape[0])
         g = torch.Generator().manual_seed(self.t["seed"])
-        x = self.data.train[torch.randperm(self.data.train.shape[0], generator=g)[:n]]
-        if hasattr(self.model, "data_init"):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.t["seed"])
-                self.model.data_init(x)
+        x = self.data.train[torch.randperm(self.data.train.shape[0], generator=g)[:n]].to(self.acc.device)
+        with seeded(self.t["seed"], self.acc.device):
+            self.model.data_init(x)
 
     def log(self, msg: str) -> None:
         if self.acc.is_main_process:
@@ -109,12 +118,12 @@ class Trainer:
         x = self._batch(step)
         torch.manual_seed(_step_seed(self.t["seed"], step, self.rank))
         with self.acc.autocast():
-            log_prob = self.wrapped(x)
+            log_prob, aux = self.wrapped(x, return_aux=True)
         bpd = bits_per_dim(log_prob, self.num_dims).mean()
         loss = bpd
-        aux = self.model.auxiliary_losses() if hasattr(self.model, "auxiliary_losses") else {}
         for value in aux.values():
             loss = loss + value
+        self._last_batch = x
         if self._any_rank(not bool(torch.isfinite(loss))):
             self.optimizer.zero_grad(set_to_none=True)
             return None
@@ -128,11 +137,28 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.model)
-        if hasattr(self.model, "after_optimizer_step"):
-            self.model.after_optimizer_step()
+        self.model.after_optimizer_step()
         out = {"bpd": bpd.detach(), "grad_norm": grad_norm.detach(), "lr": self.optimizer.param_groups[0]["lr"]}
-        out.update({f"aux/{k}": v.detach() for k, v in aux.items()})
+        out.update({f"aux/{k}": v for k, v in auxiliary_totals(aux).items()})
         return out
+
+    def record_layer_stats(self) -> None:
+        """Per-layer log-det and output statistics of this rank's last batch, and every layer's
+        own diagnostics, under ``layers/`` (the view to read when a run starts to diverge)."""
+        diagnostics = self.model.diagnostics()  # of the training step, before the pass below
+        with seeded(self.t["seed"], self.acc.device), self._eval_mode():  # leaves the training stream untouched
+            stats = self.model.layer_stats(self._last_batch)
+        for name, value in {**stats, **diagnostics}.items():
+            self._record(f"layers/{name}", value)
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        """The model in eval mode (batch norm on running statistics, no dropout) for a side pass."""
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train()
 
     # --- evaluation, samples, checkpoints ------------------------------------------------
     def _eval_model(self):
@@ -238,11 +264,12 @@ class Trainer:
                     self._record(name, value)
                 for name in (k for k in last if k.startswith("aux/")):  # weighted auxiliary losses (RNODE, ...)
                     self._record(f"train/{name}", self.acc.reduce(last[name].reshape(1).float(), reduction="mean").item())
-                if hasattr(self.model, "diagnostics"):
-                    for name, value in self.model.diagnostics().items():
-                        self._record(f"diag/{name}", float(value))
+                for name, value in self.model.diagnostics_summary().items():
+                    self._record(f"diag/{name}", value)
                 bar.set_postfix(bpd=f"{bpd:.3f}", img_s=f"{img_s:.1f}")
                 window_start, window_images = time.perf_counter(), 0
+            if t["layer_stats_every"] > 0 and self.step % t["layer_stats_every"] == 0:
+                self.record_layer_stats()
             bar.update(1)
             done = self.step >= t["steps"] or (deadline is not None and self._any_rank(time.perf_counter() > deadline))
             if done and self.step < t["steps"]:

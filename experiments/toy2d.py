@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data import toy2d  # noqa: E402
+from models.core.compose import Compose  # noqa: E402
 from models.core.distributions import StandardNormal  # noqa: E402
 from models.core.flow import Flow  # noqa: E402
 from models.nets.made import MADE  # noqa: E402
@@ -76,19 +77,13 @@ def build_layers(flow: str, layers: int | None = None, hidden: int = 64, kind: s
 
 def push_forward(layers, z0):
     """x = f_K(...f_1(z0)) with each layer's forward; returns (x, sum of log-dets)."""
-    x, total = z0, torch.zeros(z0.shape[0])
-    for t in layers:
-        x, ldj = t(x)
-        total = total + ldj
-    return x, total
+    return Compose(layers)(z0)
 
 
 @torch.no_grad()
 def pull_back_log_q(layers, base, x):
     """log q(x) of the push-forward sampler: invert every layer, then score z0."""
-    z0 = x
-    for t in reversed(layers):
-        z0 = t.inverse(z0)
+    z0 = Compose(layers).inverse(x)
     x_rec, total = push_forward(layers, z0)
     return base.log_prob(z0) - total
 

@@ -38,6 +38,10 @@ def tiny_ffjord(shape=(3, 8, 8), **overrides):
     return build_model(cfg, shape, 8).to(torch.get_default_dtype())
 
 
+def cnfs_of(model):
+    return [t for t in model.transforms if isinstance(t, CNF)]
+
+
 def images(n, shape=(3, 8, 8)):
     return torch.randint(0, 256, (n, *shape)).to(torch.get_default_dtype())
 
@@ -75,9 +79,10 @@ def rk4_brute_force(net, x, end_time, noise=None, n_steps=200):
 def test_exact_trace_log_density_matches_brute_force_integration(float64, layer_type):
     """2-D data, exact trace: z(T), the CNF's ldj, log p(x) and both RNODE integrals equal a
     hand-rolled fine RK4 integration of the instantaneous change of variables."""
-    cnf = cnf_2d(layer_type, regularize=True).train()
+    cnf = cnf_2d(layer_type).train()
     x = torch.randn(6, 2) * 1.5
-    z, ldj = cnf(x)
+    cnf.coefficients = {"kinetic_energy": 1.0, "jacobian_norm2": 1.0}  # integrate both regulariser states
+    z, ldj, integrals = cnf.integrate(x)
     z_ref, (ldj_ref, ke_ref, jf_ref) = rk4_brute_force(cnf.dynamics.net, x, 0.8)
     assert float(ldj.detach().abs().max()) > 0.1  # a non-trivial volume change
     torch.testing.assert_close(z.detach(), z_ref, atol=1e-7, rtol=0)
@@ -85,8 +90,8 @@ def test_exact_trace_log_density_matches_brute_force_integration(float64, layer_
     log_px = -0.5 * z.pow(2).sum(1) - math.log(2 * math.pi) + ldj
     log_px_ref = -0.5 * z_ref.pow(2).sum(1) - math.log(2 * math.pi) + ldj_ref
     torch.testing.assert_close(log_px.detach(), log_px_ref, atol=1e-7, rtol=0)
-    torch.testing.assert_close(cnf.last_regularizers["kinetic_energy"].detach(), ke_ref, atol=1e-7, rtol=0)
-    torch.testing.assert_close(cnf.last_regularizers["jacobian_norm2"].detach(), jf_ref, atol=1e-7, rtol=0)
+    torch.testing.assert_close(integrals["kinetic_energy"].detach(), ke_ref, atol=1e-7, rtol=0)
+    torch.testing.assert_close(integrals["jacobian_norm2"].detach(), jf_ref, atol=1e-7, rtol=0)
 
 
 @pytest.mark.parametrize("noise", ["rademacher", "gaussian"])
@@ -95,9 +100,11 @@ def test_hutchinson_noise_is_drawn_once_and_held_during_the_solve(float64, noise
     the brute-force integral with that same (stored) noise reproduces it."""
     cnf = cnf_2d(trace="hutchinson", trace_eval="hutchinson", noise=noise).eval()
     x = torch.randn(5, 2)
+    torch.manual_seed(3)
     with torch.no_grad():
         _, ldj = cnf(x)
-    e = cnf.dynamics.noise
+    torch.manual_seed(3)
+    e = sample_noise(noise, x)  # the one draw of that solve (each solve draws its own, in its closure)
     _, (ldj_ref, _, _) = rk4_brute_force(cnf.dynamics.net, x, 0.8, noise=e)
     torch.testing.assert_close(ldj, ldj_ref, atol=1e-7, rtol=0)
     _, (ldj_exact, _, _) = rk4_brute_force(cnf.dynamics.net, x, 0.8)
@@ -154,10 +161,10 @@ def _grads(adjoint: bool, x: torch.Tensor):
     net = ODENet(3, [8], conv=True, layer_type="concatsquash", nonlinearity="softplus")
     settings = SolverSettings("dopri5", 1e-10, 1e-10)
     cnf = CNF(net, end_time=0.9, train_end_time=True, train_solver=settings, trace="hutchinson",
-              noise="gaussian", adjoint=adjoint, regularize=True).train()
+              noise="gaussian", adjoint=adjoint, kinetic_energy=1.0, jacobian_norm2=1.0).train()
     torch.manual_seed(2)  # the same noise in both runs
-    z, ldj = cnf(x)
-    loss = (z.pow(2).sum() - ldj.sum() + sum(r.sum() for r in cnf.last_regularizers.values()))
+    z, ldj, integrals = cnf.integrate(x)
+    loss = (z.pow(2).sum() - ldj.sum() + sum(r.sum() for r in integrals.values()))
     loss.backward()
     return {name: p.grad.clone() for name, p in cnf.named_parameters()}, cnf.nfe()
 
@@ -176,9 +183,10 @@ def test_adjoint_gradients_match_direct_backpropagation(float64):
 def test_every_parameter_receives_a_gradient(layer_type):
     model = tiny_ffjord(layer_type=layer_type, train_end_time=True, kinetic_energy=0.01, jacobian_norm2=0.01).train()
     x = images(4)
-    loss = bits_per_dim(model(x), model.num_dims).mean()
-    aux = model.auxiliary_losses()
-    assert set(aux) == {"kinetic_energy", "jacobian_norm2"} and all(float(v) > 0 for v in aux.values())
+    log_p, aux = model(x, return_aux=True)
+    loss = bits_per_dim(log_p, model.num_dims).mean()
+    assert {k.rsplit(".", 1)[1] for k in aux} == {"kinetic_energy", "jacobian_norm2"}
+    assert len(aux) == 2 * len(cnfs_of(model)) and all(float(v) > 0 for v in aux.values())
     assert_all_parameters_get_gradient(model, loss + sum(aux.values()))
 
 
@@ -190,35 +198,60 @@ def test_direct_backprop_from_a_zero_initialised_last_layer_has_finite_gradients
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def test_auxiliary_losses_are_coefficient_times_summed_block_means():
+def test_auxiliary_losses_are_coefficient_times_block_means_returned_with_the_forward():
     model = tiny_ffjord(kinetic_energy=0.5, jacobian_norm2=0.0, zero_last=False).train()
-    model(images(4))
-    cnfs = model.cnfs()
-    expected = 0.5 * sum(float(c.last_regularizers["kinetic_energy"].mean()) for c in cnfs)
-    aux = model.auxiliary_losses()
-    assert set(aux) == {"kinetic_energy"} and float(aux["kinetic_energy"]) == pytest.approx(expected)
+    x = images(4)
+    torch.manual_seed(7)
+    _, aux = model(x, return_aux=True)
+    assert set(aux) == {f"transforms.{i}.kinetic_energy" for i, t in enumerate(model.transforms) if isinstance(t, CNF)}
+    torch.manual_seed(7)  # the same solves by hand, block by block
+    z, expected = x, {}
+    for i, t in enumerate(model.transforms):
+        if isinstance(t, CNF):
+            z, _, integrals = t.integrate(z)
+            expected[f"transforms.{i}.kinetic_energy"] = 0.5 * float(integrals["kinetic_energy"].mean())
+        else:
+            z, _ = t(z)
+    assert {k: float(v) for k, v in aux.items()} == pytest.approx(expected)
     plain = tiny_ffjord().train()
-    plain(images(2))
-    assert plain.auxiliary_losses() == {}  # FFJORD: no regulariser states are even integrated
-    assert all(c.last_regularizers == {} for c in plain.cnfs())
+    _, aux = plain(images(2), return_aux=True)
+    assert aux == {}  # FFJORD: no regulariser states are even integrated
+    assert cnfs_of(plain)[0].integrate(torch.randn(2, 3, 8, 8))[2] == {}
+
+
+def test_a_cnf_inside_another_family_keeps_its_auxiliary_losses():
+    """The hooks live on the layer: a CNF placed in a plain Flow of other layers (here after a
+    Glow-style ActNorm) still returns its RNODE loss and reports its NFE."""
+    from models.core.distributions import StandardNormal
+    from models.core.flow import Flow
+    from models.transforms.bijections.actnorm import ActNorm
+    net = ODENet(3, [4], conv=True)
+    cnf = CNF(net, train_solver=SolverSettings("rk4", step_size=0.5), kinetic_energy=0.1)
+    model = Flow([ActNorm(3), cnf], StandardNormal((3, 4, 4)), (3, 4, 4)).train()
+    x = torch.randn(2, 3, 4, 4)
+    model.data_init(x)
+    _, aux = model(x, return_aux=True)
+    assert set(aux) == {"transforms.1.kinetic_energy"} and float(aux["transforms.1.kinetic_energy"]) > 0
+    assert model.diagnostics()["transforms.1.nfe_forward"] == 8
+    assert model.likelihood_kind == "estimated"  # Hutchinson in training mode
 
 
 def test_nfe_is_counted_per_step_and_eval_uses_the_test_solver():
     model = tiny_ffjord(solver="euler", step_size=0.5, test_solver="rk4", test_step_size=0.25, adjoint=True,
                         train_end_time=False)  # (a learnable T costs the adjoint one more evaluation, for dL/dT)
-    n_cnf = len(model.cnfs())
+    n_cnf = len(cnfs_of(model))
     assert n_cnf == 3  # 3x8x8, squeeze, 12x4x4, factor out half, 6x4x4
     model.train()
     loss = -model(images(2)).mean()
-    assert model.diagnostics()["ffjord/nfe_forward"] == 2 * n_cnf  # euler, 2 steps
+    assert model.diagnostics_summary()["nfe_forward/sum"] == 2 * n_cnf  # euler, 2 steps
     loss.backward()
-    diag = model.diagnostics()
-    assert diag["ffjord/nfe_forward"] == 2 * n_cnf and diag["ffjord/nfe_backward"] == 2 * n_cnf
+    diag = model.diagnostics_summary()
+    assert diag["nfe_forward/sum"] == 2 * n_cnf and diag["nfe_backward/sum"] == 2 * n_cnf
     model.eval()
     with torch.no_grad():
         model(images(2))
-    diag = model.diagnostics()  # counters reset by every forward
-    assert diag["ffjord/nfe_forward"] == 16 * n_cnf and diag["ffjord/nfe_backward"] == 0  # rk4: 4 steps x 4
+    diag = model.diagnostics_summary()  # every solve counts its own evaluations
+    assert diag["nfe_forward/sum"] == 16 * n_cnf and diag["nfe_backward/sum"] == 0  # rk4: 4 steps x 4
 
 
 def test_sampling_by_reverse_integration():
@@ -226,7 +259,7 @@ def test_sampling_by_reverse_integration():
     x = model.sample(3, temperature=0.7)
     assert x.shape == (3, 3, 8, 8) and torch.isfinite(x).all()
     assert float(x.min()) >= 0 and float(x.max()) <= 255 and torch.equal(x, x.round())
-    assert all(c.nfe()["inverse"] == 8 for c in model.cnfs())
+    assert all(c.nfe()["inverse"] == 8 for c in cnfs_of(model))
 
 
 def test_paper_parameter_counts():
@@ -235,7 +268,7 @@ def test_paper_parameter_counts():
     for config, params in (("ffjord_cifar10.yaml", 1_358_882), ("rnode_cifar10.yaml", 1_358_868)):
         cfg = load_config(f"{ROOT}/experiments/{config}", [])
         model = build_model(cfg["model"], (3, 32, 32), 8)
-        assert len(model.cnfs()) == 14
+        assert len(cnfs_of(model)) == 14
         assert sum(p.numel() for p in model.parameters() if p.requires_grad) == params == cfg["paper"]["params"]
     assert cfg["model"]["kinetic_energy"] == cfg["model"]["jacobian_norm2"] == 0.01
     assert cfg["model"]["logit_alpha"] == 0.05 and not cfg["model"]["train_end_time"]
@@ -255,7 +288,7 @@ def test_a_few_training_steps_lower_bpd_on_the_subset(tmp_path):
     test_bpd = read_metric(out, "test/bpd")
     assert set(test_bpd) == {0, 15}
     assert test_bpd[15] < test_bpd[0] - 0.2, test_bpd
-    nfe = read_metric(out, "diag/ffjord/nfe_forward")
+    nfe = read_metric(out, "diag/nfe_forward/sum")
     assert nfe and all(v == 8 for v in nfe.values())  # rk4 at step 0.5 on [0, 1], one block
     for name in ("kinetic_energy", "jacobian_norm2"):  # the trainer logs the weighted regularisers
         logged = read_metric(out, f"train/aux/{name}")

@@ -19,11 +19,11 @@ from models.architectures import build_model, idf
 from models.nets.densenet import DenseNet, dense_growths
 from models.transforms.bijections.permutation import ChannelPermutation
 from models.transforms.bijections.squeeze import Squeeze
-from models.transforms.discrete.discretized_logistic import DiscretizedLogisticMixture
+from models.core.discretized_logistic import DiscretizedLogisticMixture
 from models.transforms.discrete.factor_out import IntegerFactorOut, params_per_channel
 from models.transforms.discrete.integer_coupling import IntegerAdditiveCoupling, translated_channels
 from models.transforms.discrete.integer_shift import IntegerShift
-from models.transforms.discrete.prior import DiscretizedLogisticMixturePrior
+from models.core.distributions import DiscretizedLogisticMixturePrior
 from models.transforms.discrete.rounding import round_straight_through
 from tests.helpers import ROOT, assert_all_parameters_get_gradient, perturb_parameters
 
@@ -94,7 +94,7 @@ def test_factor_out_split_merge_exact_and_scores_x2(mixtures):
     x = torch.randint(-300, 300, (4, 12, 4, 4)).float()
     z, ldj, latent = fo.split(x)
     assert torch.equal(fo.merge(z, latent), x)
-    expected = fo.conditional_prior(x[:, :6]).log_prob(x[:, 6:]).sum(dim=(1, 2, 3))
+    expected = fo.latent_distribution(x[:, :6]).log_prob(x[:, 6:]).sum(dim=(1, 2, 3))
     assert torch.allclose(ldj, expected) and bool((ldj < 0).all())
     assert is_integer(fo.inverse(z)) and fo.inverse(z).shape == x.shape
 
@@ -169,7 +169,7 @@ def test_log_prob_is_the_sum_of_the_discrete_priors_on_the_latents(float64):
     for t in model.transforms:  # recompute each split prior from the kept half
         if t.factors_out:
             x1 = z[:, : t.keep_channels]
-            expected = expected + t.conditional_prior(x1).log_prob(z[:, t.keep_channels:]).sum(dim=(1, 2, 3))
+            expected = expected + t.latent_distribution(x1).log_prob(z[:, t.keep_channels:]).sum(dim=(1, 2, 3))
             z = x1
         else:
             z, _ = t(z)

@@ -155,7 +155,7 @@ def test_lipschitz_constant_stays_below_coeff_after_training_steps():
         loss.backward()
         opt.step()
         model.after_optimizer_step()
-    assert model.diagnostics()["resflow/sigma_over_coeff_max"] > 1.0  # the normalisation is active
+    assert model.diagnostics_summary()["sigma_over_coeff/max"] > 1.0  # the normalisation is active
     z = x / 256.0
     for t in model.transforms[1:]:
         if isinstance(t, InvertibleResidualBlock):
@@ -228,7 +228,8 @@ def test_eval_mode_uses_the_test_time_exact_terms():
     model.eval()
     with torch.no_grad():
         model.log_prob(images(4))
-    assert model.diagnostics()["resflow/series_terms_mean"] >= 20
+    terms = [v for k, v in model.diagnostics().items() if k.endswith(".series_terms")]  # one per block
+    assert len(terms) == len(blocks_of(model)) and min(terms) >= 20
 
 
 def test_memory_efficient_backward_gives_the_same_gradient(float64):
@@ -289,8 +290,8 @@ def test_model_inverse_and_sampling(float64):
         for t in reversed(list(model.transforms)[1:]):
             y_rec = t.inverse(y_rec)
     assert (y_rec - y).abs().max().item() < 1e-6
-    diag = model.diagnostics()
-    assert diag["resflow/inverse_iters_max"] >= 1 and diag["resflow/inverse_residual_max"] < 1e-6
+    diag = model.diagnostics_summary()
+    assert diag["inverse_iters/max"] >= 1 and diag["inverse_residual/max"] < 1e-6
     samples = model.sample(3)
     assert samples.shape == (3, *SHAPE) and torch.isfinite(samples).all()
 
@@ -356,13 +357,19 @@ def test_training_lowers_test_bpd(tmp_path):
             "model.blocks=[1,1]", "model.hidden_channels=16", "model.fc_blocks=1", "model.fc_hidden=16",
             f"data.path={SUBSET}", "data.max_train=512", "data.max_test=32", "train.batch_size=16",
             "train.steps=20", "train.eval_every=20", "train.log_every=5", "train.lr=3e-3", "train.warmup_steps=0",
-            "train.checkpoint_every=0", "train.sample_every=0", "eval.batch_size=32", "eval.max_examples=32"]
+            "train.checkpoint_every=0", "train.sample_every=0", "eval.batch_size=32", "eval.max_examples=32",
+            "train.layer_stats_every=10"]
     run_command(args)
     test_bpd = read_metric(out, "test/bpd")
     assert set(test_bpd) == {0, 20}
     assert test_bpd[20] < test_bpd[0] - 0.3, test_bpd
-    series_terms = read_metric(out, "diag/resflow/series_terms_mean")
-    assert series_terms and all(v >= 2 for v in series_terms.values())
+    series_terms = read_metric(out, "diag/series_terms/max")  # the blocks' own diagnostics, every log step
+    assert set(series_terms) == {5, 10, 15, 20} and all(v >= 2 for v in series_terms.values())
+    # train.layer_stats_every=10: per-layer log-det and output statistics, and each block's diagnostics
+    ldj = read_metric(out, "layers/transforms.3.InvertibleResidualBlock/ldj_mean")
+    rms = read_metric(out, "layers/transforms.3.InvertibleResidualBlock/out_rms")
+    assert set(ldj) == set(rms) == {10, 20} and all(math.isfinite(v) and v > 0 for v in rms.values())
+    assert set(read_metric(out, "layers/transforms.3.power_iters")) == {10, 20}
 
 
 def _operator_matrix(layer) -> torch.Tensor:

@@ -11,11 +11,10 @@ Each CNF integrates dz/dt = f(z, t) with f an ODENet of 3x3 time-conditioned con
 model (4 scales, 2 blocks, 64-64-64 "concat" layers, learnable T per block) has
 1,358,868 network weights + 14 end times = 1,358,882 parameters; RNODE (fixed T) 1,358,868.
 
-``FFJORDFlow`` adds the trainer hooks: ``auxiliary_losses`` (RNODE coefficients x the
-batch means of the integrated regularisers, summed over blocks), ``diagnostics`` (NFE of
-the last training step's forward solves and of the adjoint backward solves that followed,
-summed over blocks, and the mean end time) and a no-op ``data_init`` (nothing
-data-dependent to initialise, so no 256-image ODE solve before training).
+The hooks live on the CNF layers: each returns its RNODE auxiliary losses (coefficient x
+batch mean of its integrated regularisers) with its forward and reports its NFE and end
+time as diagnostics.  Nothing is initialised from data, so ``Flow.data_init`` skips the
+256-image ODE solve before training.
 """
 from __future__ import annotations
 
@@ -83,37 +82,6 @@ class StandardNormalPrior(nn.Module):
         return x1.new_zeros(b, 2 * self.out_channels, h, w)
 
 
-class FFJORDFlow(Flow):
-    """A Flow of CNF blocks with the RNODE auxiliary losses and NFE diagnostics."""
-
-    def __init__(self, transforms, base, data_shape, kinetic_energy: float = 0.0, jacobian_norm2: float = 0.0):
-        super().__init__(transforms, base, data_shape)
-        self.coefficients = {"kinetic_energy": kinetic_energy, "jacobian_norm2": jacobian_norm2}
-
-    def cnfs(self) -> list[CNF]:
-        return [t for t in self.transforms if isinstance(t, CNF)]
-
-    @torch.no_grad()
-    def data_init(self, x: torch.Tensor) -> None:
-        """Nothing is initialised from data."""
-
-    def auxiliary_losses(self) -> dict:
-        losses = {}
-        for name, coeff in self.coefficients.items():
-            terms = [c.last_regularizers[name].float().mean() for c in self.cnfs() if name in c.last_regularizers]
-            if coeff > 0 and terms:
-                losses[name] = coeff * torch.stack(terms).sum()
-        return losses
-
-    @torch.no_grad()
-    def diagnostics(self) -> dict:
-        cnfs = self.cnfs()
-        nfe = [c.nfe() for c in cnfs]
-        return {"ffjord/nfe_forward": sum(n["forward"] for n in nfe),
-                "ffjord/nfe_backward": sum(n["backward"] for n in nfe),
-                "ffjord/end_time_mean": float(torch.stack([c.end_time() for c in cnfs]).mean())}
-
-
 def _cnf(cfg: dict, channels: int) -> CNF:
     net = ODENet(channels, cfg["hidden_dims"], conv=True, layer_type=cfg["layer_type"],
                  nonlinearity=cfg["nonlinearity"], zero_last=cfg["zero_last"])
@@ -121,7 +89,7 @@ def _cnf(cfg: dict, channels: int) -> CNF:
                train_solver=SolverSettings(cfg["solver"], cfg["atol"], cfg["rtol"], cfg["step_size"]),
                test_solver=SolverSettings(cfg["test_solver"], cfg["test_atol"], cfg["test_rtol"], cfg["test_step_size"]),
                trace=cfg["trace"], trace_eval=cfg["trace_eval"], noise=cfg["noise"], adjoint=cfg["adjoint"],
-               regularize=cfg["kinetic_energy"] > 0 or cfg["jacobian_norm2"] > 0)
+               kinetic_energy=cfg["kinetic_energy"], jacobian_norm2=cfg["jacobian_norm2"])
 
 
 def build(cfg: dict, data_shape: tuple[int, int, int], num_bits: int) -> Flow:
@@ -146,5 +114,4 @@ def build(cfg: dict, data_shape: tuple[int, int, int], num_bits: int) -> Flow:
             keep = shape[0] // 2
             transforms.append(Split(StandardNormalPrior(shape[0] - keep), keep))
             shape = transforms[-1].output_shape(shape)
-    return FFJORDFlow(transforms, StandardNormal(shape), data_shape,
-                      kinetic_energy=cfg["kinetic_energy"], jacobian_norm2=cfg["jacobian_norm2"])
+    return Flow(transforms, StandardNormal(shape), data_shape)

@@ -25,7 +25,7 @@ from models.transforms.bijections.squeeze import Squeeze
 from models.transforms.discrete.factor_out import IntegerFactorOut, params_per_channel
 from models.transforms.discrete.integer_coupling import IntegerAdditiveCoupling, translated_channels
 from models.transforms.discrete.integer_shift import IntegerShift
-from models.transforms.discrete.prior import DiscretizedLogisticMixturePrior
+from models.core.distributions import DiscretizedLogisticMixturePrior
 
 DEFAULTS = {
     "levels": 3,                 # L (--n_levels)

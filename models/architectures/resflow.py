@@ -15,10 +15,10 @@ official code, which also registers the roulette settings (``lamb`` and ``geom_p
 each of its 52 blocks as ``nn.Parameter``s (2 x 52 = 104 scalars that never receive a
 gradient); here they are config floats.
 
-The model is a :class:`Flow` with the trainer hooks this family needs:
-``data_init`` (power iterations to tolerance, then ActNorm's init), ``after_optimizer_step``
-(power iterations of every spectrally normalised layer, see ``models.nets.lipschitz``
-for why that keeps ranks identical) and ``diagnostics``
+The model is a plain :class:`Flow`; the hooks live on ``InvertibleResidualBlock``:
+``data_init`` (power iterations to tolerance, before ActNorm's init), ``after_optimizer_step``
+(power iterations of every spectrally normalised layer of its net, see
+``models.nets.lipschitz`` for why that keeps ranks identical) and ``diagnostics``
 (roulette terms of the last forward, fixed-point iterations and residual of the last
 inverse, power iterations and the largest normalised sigma).
 """
@@ -26,11 +26,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from models.core.distributions import StandardNormal
 from models.core.flow import Flow
-from models.nets.lipschitz import SpectralNormBase
 from models.nets.resflow_nets import ConvResidualNet, FCResidualNet
 from models.transforms.bijections.actnorm import ActNorm
 from models.transforms.bijections.elementwise import Logit
@@ -77,39 +74,6 @@ CHOICES = {
     "roulette_dist": ("poisson", "geometric"),
     "dequantization": ("uniform",),
 }
-
-
-class ResidualFlow(Flow):
-    """A Flow whose spectrally normalised layers are refined after every optimizer step."""
-
-    def _sn_layers(self):
-        return [m for m in self.modules() if isinstance(m, SpectralNormBase)]
-
-    def _blocks(self):
-        return [t for t in self.transforms if isinstance(t, InvertibleResidualBlock)]
-
-    @torch.no_grad()
-    def data_init(self, x: torch.Tensor) -> None:
-        """Converge every power iteration (to tolerance or sn_max_iters), then ActNorm's init."""
-        self.after_optimizer_step()
-        super().data_init(x)
-
-    def after_optimizer_step(self) -> None:
-        for layer in self._sn_layers():
-            layer.power_iteration()
-
-    @torch.no_grad()
-    def diagnostics(self) -> dict:
-        blocks, sn = self._blocks(), self._sn_layers()
-        out = {}
-        if blocks:
-            out["resflow/series_terms_mean"] = sum(b.last_terms for b in blocks) / len(blocks)
-            out["resflow/inverse_iters_max"] = max(b.last_inverse_iters for b in blocks)
-            out["resflow/inverse_residual_max"] = max(b.last_inverse_residual for b in blocks)
-        if sn:
-            out["resflow/power_iters_max"] = max(m.last_iters for m in sn)
-            out["resflow/sigma_over_coeff_max"] = max(float(m.sigma().detach()) / m.coeff for m in sn)
-        return out
 
 
 def _block(cfg: dict, net) -> InvertibleResidualBlock:
@@ -162,4 +126,4 @@ def build(cfg: dict, data_shape: tuple[int, int, int], num_bits: int) -> Flow:
             transforms.append(_block(cfg, net))
             if cfg["actnorm"]:
                 transforms.append(ActNorm(shape[0], spatial_shape=tuple(shape[1:])))
-    return ResidualFlow(transforms, StandardNormal(shape), data_shape)
+    return Flow(transforms, StandardNormal(shape), data_shape)

@@ -2,7 +2,8 @@
 
 Each one has ``log_prob(z) -> (B,)`` in float32 and ``sample(n, temperature)``.
 They are modules so that learned priors (Glow's learned top prior) carry
-parameters and move with the model's device.
+parameters and move with the model's device.  A ``discrete`` distribution is a pmf over
+integer tensors (IDF's prior): its ``log_prob`` is log P(z), exact.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from models.core.discretized_logistic import DiscretizedLogisticMixture
 from models.core.transform import compute_dtype, sum_except_batch
 
 LOG_2PI = math.log(2 * math.pi)
@@ -25,6 +27,8 @@ def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor
 
 class Distribution(nn.Module):
     """A distribution over tensors of a fixed shape (C, H, W)."""
+
+    discrete = False
 
     def __init__(self, shape):
         super().__init__()
@@ -114,3 +118,34 @@ class LearnedGaussian(Distribution):
     def unstandardize(self, eps):
         mean, log_std = self.params(eps.shape[0])
         return mean + torch.exp(log_std) * eps
+
+
+class DiscretizedLogisticMixturePrior(Distribution):
+    """IDF's top prior (Hoogeboom et al. 2019, arXiv:1905.07376 §3.2): a discretized logistic
+    mixture with learned parameters per element (official ``Prior``): means, log-scales and
+    mixture logits of shape (C, H, W, K), in units of 1 / bin_scale like the rest of the model.
+    Initialised as the official code: logits 0, log-scales 0, component j's mean at j - (K - 1) / 2.
+    ``log_prob`` is the exact discrete log P(z) of integer z (a pmf, not a density), (B,)."""
+
+    discrete = True
+
+    def __init__(self, shape, num_mixtures: int = 5, bin_scale: float = 256.0):
+        super().__init__(shape)
+        k = num_mixtures
+        self.bin_scale = bin_scale
+        self.means = nn.Parameter((torch.arange(k) - (k - 1) / 2).expand(*self.shape, k).clone().to(torch.get_default_dtype()))
+        self.log_scales = nn.Parameter(torch.zeros(*self.shape, k))
+        self.logits = nn.Parameter(torch.zeros(*self.shape, k)) if k > 1 else None
+
+    def distribution(self, n: int) -> DiscretizedLogisticMixture:
+        """The prior of a batch of n latents (same parameters for each)."""
+        def batch(p):
+            return None if p is None else p.unsqueeze(0).expand(n, *p.shape)
+        return DiscretizedLogisticMixture(batch(self.means) * self.bin_scale,
+                                          batch(self.log_scales) + math.log(self.bin_scale), batch(self.logits))
+
+    def log_prob(self, z):
+        return sum_except_batch(self.distribution(z.shape[0]).log_prob(z))
+
+    def sample(self, n, temperature=1.0):
+        return self.distribution(n).sample(temperature)

@@ -1,4 +1,4 @@
-"""A flow model: one flat sequence of transforms and a base distribution.
+"""A flow model: one chain of transforms and a base distribution.
 
     log p(x) = sum_k ldj_k + log p_base(z)
 
@@ -6,16 +6,25 @@ Every likelihood term (dequantization bin volume, -log q(u|x), pre-processing,
 split priors) is some transform's ``ldj``, so bits/dim is one function of
 ``log_prob`` and ``num_dims`` (``engine.metrics.bits_per_dim``).
 
-``forward(x)`` returns ``log_prob(x)``, so a DistributedDataParallel wrapper's forward
-really runs the model.  The trainer calls only ``forward`` and the optional hooks
-below; it never walks into the layers.
+``forward(x)`` returns ``log_prob(x)`` (with ``return_aux=True`` also the auxiliary
+losses of that very forward), so a DistributedDataParallel wrapper's forward really
+runs the model.  The trainer calls ``forward`` and the hooks below unconditionally;
+each hook gathers the layers' own hooks (``models.core.transform``) over every
+``Transform`` among the modules, nested ones included, names prefixed with the
+layer's path (e.g. ``transforms.3.nfe_forward``):
 
-Hooks the trainer looks for (all optional for a model):
-    data_init(x)             data-dependent initialisation (ActNorm), same batch on every rank
+    data_init(x)             layers' ``data_init()``, then one forward for data-dependent
+                             init (skipped when no layer needs it); same batch on every rank
     after_optimizer_step()   e.g. power iterations of spectral normalisation
-    auxiliary_losses()       dict of extra scalar losses from the last forward (e.g. CNF regularisers)
-    diagnostics()            dict of scalars to log (NFE, roulette terms, fixed-point iterations)
+    diagnostics()            {name: float}: NFE, roulette terms, fixed-point iterations
+    diagnostics_summary()    the same, summed and maximised over layers (what is logged every step)
+    layer_stats(x)           per-layer log-det and output statistics of one batch
     find_nonfinite(x)        name of the first layer whose output or ldj is not finite
+
+What the per-image number is, asked in one place: ``is_stochastic`` (a layer draws
+noise: a single-sample bound), ``is_exact`` (every log-det exact, no noise),
+``is_discrete`` (integers to integers: an exact discrete log P(x), a code length), and
+``likelihood_kind`` combining them.
 """
 from __future__ import annotations
 
@@ -24,19 +33,18 @@ import math
 import torch
 from torch import nn
 
+from models.core.compose import Compose
 from models.core.distributions import Distribution
 from models.core.transform import Transform
 
 
 class Flow(nn.Module):
-    def __init__(self, transforms: list[Transform], base: Distribution, data_shape: tuple[int, int, int]):
+    def __init__(self, transforms: list[Transform], base: Distribution, data_shape: tuple[int, ...]):
         super().__init__()
-        self.transforms = nn.ModuleList(transforms)
+        self.transforms = transforms if isinstance(transforms, Compose) else Compose(transforms)
         self.base = base
         self.data_shape = tuple(data_shape)
-        shape = self.data_shape
-        for t in self.transforms:
-            shape = t.output_shape(shape)
+        shape = self.transforms.output_shape(self.data_shape)
         if tuple(shape) != tuple(base.shape):
             raise ValueError(f"transforms end in shape {shape} but the base distribution is over {base.shape}")
 
@@ -44,23 +52,49 @@ class Flow(nn.Module):
     def num_dims(self) -> int:
         return math.prod(self.data_shape)
 
+    def layers(self):
+        """(name, Transform) of every transform among the modules, nested ones included."""
+        return [(name, m) for name, m in self.named_modules() if isinstance(m, Transform) and not isinstance(m, Compose)]
+
     # --- density -----------------------------------------------------------------
+    def log_prob_aux(self, x: torch.Tensor, context: torch.Tensor | None = None):
+        """(log p(x) of shape (B,), float32; auxiliary losses of this forward, names prefixed)."""
+        z, ldj, aux = self.transforms.forward_aux(x, context)
+        log_p = ldj.to(torch.promote_types(ldj.dtype, torch.float32)) + self.base.log_prob(z)
+        return log_p, {f"transforms.{k}": v for k, v in aux.items()}
+
     def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """log p(x) in nats, shape (B,), float32 (a lower bound where a layer is a bound)."""
-        z, total = x, torch.zeros(x.shape[0], device=x.device, dtype=torch.float32)
-        for t in self.transforms:
-            z, ldj = t(z, context)
-            total = total + ldj
-        return total + self.base.log_prob(z)
+        z, ldj = self.transforms(x, context)
+        return ldj.to(torch.promote_types(ldj.dtype, torch.float32)) + self.base.log_prob(z)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        return self.log_prob(x, context)
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, return_aux: bool = False):
+        return self.log_prob_aux(x, context) if return_aux else self.log_prob(x, context)
 
+    # --- what the number is ------------------------------------------------------------
     @property
     def is_stochastic(self) -> bool:
-        """Whether ``log_prob`` draws noise (stochastic dequantization): then it is a
+        """Whether ``log_prob`` draws noise (stochastic dequantization, argmax): then it is a
         single-sample bound and ``log_prob_iw`` tightens it."""
-        return any(t.stochastic_forward for t in self.transforms)
+        return any(t.stochastic_forward for _, t in self.layers())
+
+    @property
+    def is_exact(self) -> bool:
+        """Every log-det is exact and nothing is sampled: log_prob is log p(x) itself."""
+        return not self.is_stochastic and all(t.exact_ldj for _, t in self.layers())
+
+    @property
+    def is_discrete(self) -> bool:
+        """Integers to integers all the way (IDF): log_prob is an exact discrete log P(x)."""
+        return bool(self.layers()) and all(t.discrete for t in self.transforms) and getattr(self.base, "discrete", False)
+
+    @property
+    def likelihood_kind(self) -> str:
+        """"bound" (a layer draws noise), "estimated" (a log-det is estimated: Russian
+        roulette, Hutchinson) or "exact"."""
+        if self.is_stochastic:
+            return "bound"
+        return "exact" if self.is_exact else "estimated"
 
     @torch.no_grad()
     def log_prob_iw(self, x: torch.Tensor, k: int, chunk: int | None = None,
@@ -70,9 +104,9 @@ class Flow(nn.Module):
             log (1/k) sum_i exp(L_i),   L_i = log_prob(x) with independent noise
                                             = log p(x + u_i) - log q(u_i | x) + bin term
 
-        (Burda et al. 2016): k = 1 is the single-sample bound; it rises to log P(x) as k grows.
-        ``chunk`` samples go through the model per forward (a batch of B * chunk), so
-        any k fits in memory.  Deterministic models return ``log_prob`` (every L_i is equal).
+        (Burda et al. 2016, arXiv:1509.00519): k = 1 is the single-sample bound; it rises to
+        log P(x) as k grows.  ``chunk`` samples go through the model per forward (a batch of
+        B * chunk), so any k fits in memory.  Deterministic models return ``log_prob``.
         """
         if k < 1:
             raise ValueError("log_prob_iw needs k >= 1")
@@ -95,34 +129,72 @@ class Flow(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, context: torch.Tensor | None = None) -> torch.Tensor:
         """Draw n samples; every prior (top and split-off) is sampled at ``temperature``."""
-        z = self.base.sample(n, temperature)
-        for t in reversed(self.transforms):
-            z = t.inverse(z, context, temperature=temperature)
-        return z
+        return self.transforms.inverse(self.base.sample(n, temperature), context, temperature=temperature)
 
     # --- exact encode / decode ---------------------------------------------------------
-    def encode(self, x: torch.Tensor, context: torch.Tensor | None = None):
-        """x -> (eps_top, [latents of each factor-out layer]); ``decode`` inverts it."""
-        z, latents = x, []
-        for t in self.transforms:
-            if t.factors_out:
-                z, _, latent = t.split(z, context)
-                latents.append(latent)
-            else:
-                z, _ = t(z, context)
+    def encode(self, x: torch.Tensor, context: torch.Tensor | None = None, on_split=None):
+        """x -> (eps_top, [latent of each factor-out layer]); ``decode`` inverts it.
+        ``on_split(layer, kept, latent)`` is called at each factor-out layer."""
+        z, _, latents = self.transforms.split(x, context, on_split)
         return self.base.standardize(z), latents
 
-    def decode(self, eps_top: torch.Tensor, latents: list[torch.Tensor], context: torch.Tensor | None = None):
-        z, latents = self.base.unstandardize(eps_top), list(latents)
-        for t in reversed(self.transforms):
-            z = t.merge(z, latents.pop(), context) if t.factors_out else t.inverse(z, context)
-        return z
+    def decode(self, eps_top: torch.Tensor, latents, context: torch.Tensor | None = None):
+        """Inverse of ``encode``; ``latents`` a list, or ``latents(layer, kept) -> latent``
+        asked at each factor-out layer from the top down (entropy decoding)."""
+        return self.transforms.merge(self.base.unstandardize(eps_top), latents, context)
+
+    def factor_out_layers(self) -> list[Transform]:
+        return self.transforms.factor_out_layers()
 
     # --- trainer hooks ------------------------------------------------------------------
     @torch.no_grad()
     def data_init(self, x: torch.Tensor) -> None:
-        """One forward pass: layers with data-dependent init (ActNorm) initialise on it."""
-        self.log_prob(x)
+        """Every layer's ``data_init()``, then one forward pass on ``x`` if a layer
+        initialises from data (ActNorm)."""
+        layers = self.layers()
+        for _, t in layers:
+            t.data_init()
+        if any(t.needs_data_init for _, t in layers):
+            self.log_prob(x)
+
+    def after_optimizer_step(self) -> None:
+        for _, t in self.layers():
+            t.after_optimizer_step()
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, float]:
+        out = {}
+        for name, t in self.layers():
+            out.update({f"{name}.{k}": float(v) for k, v in t.diagnostics().items()})
+        return out
+
+    @torch.no_grad()
+    def diagnostics_summary(self) -> dict[str, float]:
+        """Each layer-level diagnostic over all layers reporting it: ``<name>/sum`` and
+        ``<name>/max`` (e.g. ``nfe_forward/sum``: the evaluations of all CNFs of a step)."""
+        grouped: dict[str, list[float]] = {}
+        for _, t in self.layers():
+            for k, v in t.diagnostics().items():
+                grouped.setdefault(k, []).append(float(v))
+        out = {}
+        for k, values in grouped.items():
+            out[f"{k}/sum"], out[f"{k}/max"] = sum(values), max(values)
+        return out
+
+    @torch.no_grad()
+    def layer_stats(self, x: torch.Tensor, context: torch.Tensor | None = None) -> dict[str, float]:
+        """Per top-level layer on the batch ``x``: the mean and std over examples of its
+        log-det (per dimension of the data) and the RMS and max |.| of its output."""
+        out, z = {}, x
+        for i, t in enumerate(self.transforms):
+            z, ldj = t(z, context)
+            zf, lf = z.detach().float(), ldj.detach().float() / self.num_dims
+            name = f"transforms.{i}.{type(t).__name__}"
+            out[f"{name}/ldj_mean"] = float(lf.mean())
+            out[f"{name}/ldj_std"] = float(lf.std()) if lf.numel() > 1 else 0.0
+            out[f"{name}/out_rms"] = float(zf.pow(2).mean().sqrt())
+            out[f"{name}/out_absmax"] = float(zf.abs().max()) if zf.numel() else 0.0
+        return out
 
     @torch.no_grad()
     def find_nonfinite(self, x: torch.Tensor) -> str | None:

@@ -15,6 +15,18 @@ Class flags say what a layer is, and the shared tests honour them.
 Layers that factor out part of their input (multi-scale split) set
 ``factors_out = True`` and also implement ``split``/``merge`` so that a model's
 ``encode``/``decode`` keep the split-off latents and reconstruct exactly.
+
+Hooks live on the layers, with no-op defaults; a ``Flow`` calls them on every
+``Transform`` among its modules (nested ones included), so a layer keeps its
+behaviour in any family:
+
+    forward_aux(x)           (z, ldj, aux): ``aux`` holds this call's auxiliary losses,
+                             already weighted (e.g. RNODE's regularisers of a CNF)
+    needs_data_init          class flag: the layer initialises from its first batch (ActNorm)
+    data_init()              before that data-dependent forward (e.g. converge power iterations)
+    after_optimizer_step()   after every optimizer step (e.g. spectral-norm power iterations)
+    diagnostics()            {name: float} to log (NFE, series terms, fixed-point iterations)
+    inverse_with_ldj(z)      (x, log|det dx/dz|): what ``Inverse`` needs; generic fallback here
 """
 from __future__ import annotations
 
@@ -39,9 +51,43 @@ class Transform(nn.Module):
     def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None, *, temperature: float = 1.0):
         raise NotImplementedError(f"{type(self).__name__} has no inverse")
 
+    needs_data_init: bool = False     # initialises itself from the first batch it sees
+
     def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape (C, H, W) of the output for an input of shape ``in_shape``."""
         return tuple(in_shape)
+
+    def input_shape(self, out_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The input shape whose output has shape ``out_shape`` (what ``Inverse`` needs);
+        layers that change the shape override both."""
+        return tuple(out_shape)
+
+    # --- the forward with its auxiliary terms -------------------------------------------
+    def forward_aux(self, x: torch.Tensor, context: torch.Tensor | None = None):
+        """``(z, ldj, aux)``: the forward and the auxiliary losses of this very call.
+
+        Layers without auxiliary terms need not override it; layers with them override
+        this and define ``forward`` as ``forward_aux`` without the dict."""
+        z, ldj = self(x, context)
+        return z, ldj, {}
+
+    def inverse_with_ldj(self, z: torch.Tensor, context: torch.Tensor | None = None):
+        """``(x, log|det dx/dz|)`` for a bijection: x = inverse(z), ldj = -forward's ldj at x.
+        Generic (one inverse and one forward); layers with a closed form override it."""
+        x = self.inverse(z, context)
+        _, ldj = self(x, context)
+        return x, -ldj
+
+    # --- hooks (no-ops by default; ``Flow`` calls them on every Transform module) ---------
+    def data_init(self) -> None:
+        """Called once before the data-dependent initialisation forward pass."""
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimizer step."""
+
+    def diagnostics(self) -> dict[str, float]:
+        """Scalars about the last call(s) to log; names are prefixed with the layer's path."""
+        return {}
 
     # --- factor-out layers only -------------------------------------------------
     def split(self, x: torch.Tensor, context: torch.Tensor | None = None):

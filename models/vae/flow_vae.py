@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.core.compose import Compose
 from models.core.distributions import LOG_2PI
 from models.nets.made import MADE
 from models.transforms.vector.maf import MAF
@@ -74,7 +75,7 @@ class FlowVAE(nn.Module):
                 flows.append(MAF(made))
             else:
                 flows.append(SylvesterFlow(z_dim, "orthogonal", num_ortho_vecs=min(8, z_dim)))
-        self.flows = nn.ModuleList(flows)
+        self.flows = Compose(flows)
 
     def posterior(self, x: torch.Tensor, samples: int = 1):
         """z_K of shape (S, B, Z) and log q_K(z_K | x) of shape (S, B)."""
@@ -84,10 +85,8 @@ class FlowVAE(nn.Module):
         eps = torch.randn(samples, b, self.z_dim, device=x.device, dtype=mu.dtype)
         z = (mu + torch.exp(log_std) * eps).reshape(samples * b, self.z_dim)
         log_q = (-0.5 * LOG_2PI - log_std - 0.5 * eps * eps).sum(dim=2).reshape(samples * b)
-        ctx = h.repeat(samples, 1)
-        for t in self.flows:
-            z, ldj = t(z, ctx)
-            log_q = log_q - ldj
+        z, ldj = self.flows(z, h.repeat(samples, 1))
+        log_q = log_q - ldj
         return z.reshape(samples, b, self.z_dim), log_q.reshape(samples, b)
 
     def log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,8 @@ from models.core.transform import Transform, compute_dtype
 
 
 class ActNorm(Transform):
+    needs_data_init = True
+
     def __init__(self, num_channels: int, scale: float = 1.0, logscale_factor: float = 3.0, eps: float = 1e-6,
                  spatial_shape: tuple[int, int] | None = None):
         super().__init__()

@@ -8,13 +8,14 @@ stacked along channels:
 
 so any channel-wise coupling that conditions on the first C channels is a checkerboard
 coupling, and a channel-wise split needs no layer at all (its two halves already are the
-first and second half of the channels).  ``CheckerboardMerge`` is the inverse map
-(the official ``Inverse(CheckerboardSplit())``).  Permutations: log|det| = 0.
+first and second half of the channels).  ``CheckerboardMerge`` is ``Inverse(CheckerboardSplit())``
+(as the official code).  Permutations: log|det| = 0.
 """
 from __future__ import annotations
 
 import torch
 
+from models.core.compose import Inverse
 from models.core.transform import Transform, zeros_ldj
 
 
@@ -37,18 +38,20 @@ class CheckerboardSplit(Transform):
     def inverse(self, z, context=None, *, temperature=1.0):
         return checkerboard_merge(z)
 
+    def inverse_with_ldj(self, z, context=None):
+        return checkerboard_merge(z), zeros_ldj(z)
+
     def output_shape(self, in_shape):
         c, h, w = in_shape
         return (2 * c, h, w // 2)
 
+    def input_shape(self, out_shape):
+        c2, h, w2 = out_shape
+        return (c2 // 2, h, 2 * w2)
 
-class CheckerboardMerge(Transform):
-    def forward(self, x, context=None):
-        return checkerboard_merge(x), zeros_ldj(x)
 
-    def inverse(self, z, context=None, *, temperature=1.0):
-        return checkerboard_split(z)
+class CheckerboardMerge(Inverse):
+    """The inverse of the split, (2C, H, W/2) -> (C, H, W)."""
 
-    def output_shape(self, in_shape):
-        c, h, w = in_shape
-        return (c // 2, h, 2 * w)
+    def __init__(self):
+        super().__init__(CheckerboardSplit())

@@ -5,7 +5,7 @@ Logit (RealNVP §4.1, Flow++, Residual Flows): for x in [0, 1),
     p = alpha + (1 - 2 alpha) x,   y = log p - log(1 - p)
     log|det| = sum [ log(1 - 2 alpha) - log p - log(1 - p) ]
     (alpha = 0.05 is Flow++'s ImgProc: x * 0.9 + 0.05, then logit)
-Sigmoid (Flow++ dequantizer's last layer): y = sigmoid(x),
+Sigmoid (Flow++ dequantizer's last layer): y = sigmoid(x) = Inverse(Logit(0)),
     log|det| = sum [ -softplus(x) - softplus(-x) ]
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from models.core.compose import Inverse
 from models.core.transform import Transform, compute_dtype, sum_except_batch
 
 
@@ -50,12 +51,16 @@ class Logit(Transform):
     def inverse(self, z, context=None, *, temperature=1.0):
         return (torch.sigmoid(z) - self.alpha) / (1 - 2 * self.alpha)
 
+    def inverse_with_ldj(self, z, context=None):
+        """x = (sigmoid(z) - alpha) / (1 - 2 alpha),
+        log|dx/dz| = sum [ -softplus(z) - softplus(-z) - log(1 - 2 alpha) ]  (log s + log(1 - s), stably)."""
+        zc = z.to(compute_dtype(z))
+        ldj = sum_except_batch(-F.softplus(zc) - F.softplus(-zc) - math.log(1 - 2 * self.alpha))
+        return self.inverse(z).to(z.dtype), ldj
 
-class Sigmoid(Transform):
-    def forward(self, x, context=None):
-        xc = x.to(compute_dtype(x))
-        ldj = sum_except_batch(-F.softplus(xc) - F.softplus(-xc))
-        return torch.sigmoid(x), ldj
 
-    def inverse(self, z, context=None, *, temperature=1.0):
-        return torch.log(z) - torch.log1p(-z)
+class Sigmoid(Inverse):
+    """y = sigmoid(x): the inverse of ``Logit(0)``."""
+
+    def __init__(self):
+        super().__init__(Logit(0.0))

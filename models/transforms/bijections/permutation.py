@@ -10,6 +10,8 @@ from models.core.transform import Transform, zeros_ldj
 
 
 class ChannelPermutation(Transform):
+    discrete = True  # a permutation of elements: integers stay integers
+
     def __init__(self, perm: torch.Tensor):
         super().__init__()
         self.register_buffer("perm", perm.long())

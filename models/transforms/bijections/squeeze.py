@@ -11,6 +11,8 @@ from models.core.transform import Transform, zeros_ldj
 
 
 class Squeeze(Transform):
+    discrete = True  # a permutation of elements: integers stay integers
+
     def __init__(self, order: str = "glow"):
         super().__init__()
         if order not in ("glow", "tf"):

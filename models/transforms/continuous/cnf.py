@@ -1,4 +1,4 @@
-"""A continuous normalizing flow as a Transform (FFJORD, Grathwohl et al. 2019):
+"""A continuous normalizing flow as a Transform (FFJORD, Grathwohl et al. 2019, arXiv:1810.01367):
 
     z = x + int_0^T f(z(t), t) dt,    log|det dz/dx| = int_0^T tr(df/dz)(z(t), t) dt
 
@@ -6,11 +6,13 @@ solved by torchdiffeq (``odeint``, or ``odeint_adjoint`` for O(1)-memory gradien
 the augmented dynamics of ``dynamics.py``.  ``inverse`` integrates dz/dt = f back from T
 to 0.  T is learnable (stored as sqrt(T), so T = s^2 > 0, as in FFJORD) or a fixed buffer.
 Train and eval mode use their own solver settings (``SolverSettings``) and trace
-(Hutchinson or exact).  In training with ``regularize`` the RNODE states (kinetic energy,
-Jacobian Frobenius norm) are integrated too; they are kept out of the step-size control
-(as in the official code) and exposed as ``last_regularizers`` for the trainer's
-auxiliary losses.  ``nfe()`` counts evaluations of f of the last forward solve, of the
-adjoint's backward solve that followed it, and of the last inverse.
+(Hutchinson or exact; the log-det is exact, ``exact_ldj``, when the current mode's trace
+is).  In training with RNODE coefficients (arXiv:2002.02798) the regulariser states
+(kinetic energy, Jacobian Frobenius norm) are integrated too, kept out of the step-size
+control (as in the official code), and ``forward_aux`` returns coefficient x batch mean
+of each as this call's auxiliary losses.  ``diagnostics()`` reports the evaluations of f
+of the last training forward solve, of the adjoint's backward solve that followed it, of
+the last inverse, and the end time T.
 """
 from __future__ import annotations
 
@@ -58,19 +60,20 @@ class SolverSettings:
 
 
 class CNF(Transform):
-    exact_ldj = False      # Hutchinson in general (exact only with trace="exact")
     exact_inverse = False  # numerical ODE solve
 
     def __init__(self, net: nn.Module, end_time: float = 1.0, train_end_time: bool = True,
                  train_solver: SolverSettings | None = None, test_solver: SolverSettings | None = None,
                  trace: str = "hutchinson", trace_eval: str = "hutchinson", noise: str = "rademacher",
-                 adjoint: bool = True, regularize: bool = False):
+                 adjoint: bool = True, kinetic_energy: float = 0.0, jacobian_norm2: float = 0.0):
         super().__init__()
         for name, value in (("trace", trace), ("trace_eval", trace_eval)):
             if value not in TRACE_TYPES:
                 raise ValueError(f"unknown {name} {value!r}; use one of {TRACE_TYPES}")
         if end_time <= 0:
             raise ValueError("the CNF's end time must be positive")
+        if kinetic_energy < 0 or jacobian_norm2 < 0:
+            raise ValueError("RNODE coefficients must be >= 0")
         self.dynamics = AugmentedDynamics(net)
         sqrt_t = torch.tensor(math.sqrt(end_time))
         if train_end_time:
@@ -80,8 +83,19 @@ class CNF(Transform):
         self.train_solver = train_solver or SolverSettings()
         self.test_solver = test_solver or self.train_solver
         self.trace_train, self.trace_eval, self.noise = trace, trace_eval, noise
-        self.adjoint, self.regularize = adjoint, regularize
-        self.last_regularizers: dict[str, torch.Tensor] = {}
+        self.adjoint = adjoint
+        self.coefficients = {"kinetic_energy": float(kinetic_energy), "jacobian_norm2": float(jacobian_norm2)}
+        # diagnostics of the last calls (plain attributes; forward never reads them)
+        self._last_solve_nfe = {"forward": 0, "backward": 0}
+        self._last_inverse_nfe = 0
+
+    @property
+    def exact_ldj(self) -> bool:
+        return self._trace() == "exact"
+
+    @property
+    def regularize(self) -> bool:
+        return any(c > 0 for c in self.coefficients.values())
 
     def end_time(self) -> torch.Tensor:
         return self.sqrt_end_time * self.sqrt_end_time
@@ -89,39 +103,52 @@ class CNF(Transform):
     def _trace(self) -> str:
         return self.trace_train if self.training else self.trace_eval
 
-    def _solve(self, states: tuple[torch.Tensor, ...], times: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _solve(self, func, states: tuple[torch.Tensor, ...], times: torch.Tensor) -> tuple[torch.Tensor, ...]:
         s = self.train_solver if self.training else self.test_solver
         kwargs = {"rtol": s.rtol, "atol": s.atol, "method": s.method, "options": s.options()}
         if self.adjoint and torch.is_grad_enabled():
-            out = odeint_adjoint(self.dynamics, states, times, **kwargs)
+            out = odeint_adjoint(func, states, times, **kwargs)
         else:
-            out = odeint(self.dynamics, states, times, **kwargs)
+            out = odeint(func, states, times, **kwargs)
         return tuple(o[-1] for o in out)
 
     def _times(self, x: torch.Tensor, reverse: bool) -> torch.Tensor:
         t = torch.stack([torch.zeros_like(self.sqrt_end_time), self.end_time()]).to(x.dtype)
         return t.flip(0) if reverse else t
 
-    def forward(self, x, context=None):
+    def integrate(self, x):
+        """(z, ldj, {regulariser: per-example integral}) of one forward solve."""
         trace = self._trace()
-        noise = sample_noise(self.noise, x) if trace == "hutchinson" else None
+        func = self.dynamics.solve(trace, sample_noise(self.noise, x) if trace == "hutchinson" else None)
         regularize = self.regularize and self.training
         zeros = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
         states = (x, zeros) + ((zeros, zeros) if regularize else ())
-        self.dynamics.reset_counts()
-        self.dynamics.start_solve("forward", trace, noise)
-        out = self._solve(states, self._times(x, reverse=False))
-        self.dynamics.start_solve("backward", trace, noise)  # the adjoint solve, if any, comes next
-        self.last_regularizers = dict(zip(REGULARIZERS, out[2:]))
-        return out[0], -out[1]
+        out = self._solve(func, states, self._times(x, reverse=False))
+        func.finish_forward()  # the adjoint's backward solve, if any, comes next
+        self._last_solve_nfe = func.nfe  # the same dict: the backward solve adds to it later
+        return out[0], -out[1], dict(zip(REGULARIZERS, out[2:]))
+
+    def forward_aux(self, x, context=None):
+        z, ldj, integrals = self.integrate(x)
+        aux = {name: self.coefficients[name] * value.float().mean() for name, value in integrals.items()
+               if self.coefficients[name] > 0}
+        return z, ldj, aux
+
+    def forward(self, x, context=None):
+        z, ldj, _ = self.integrate(x)
+        return z, ldj
 
     def inverse(self, z, context=None, *, temperature=1.0):
-        phase = self.dynamics.phase
-        self.dynamics.nfe["inverse"] = 0
-        self.dynamics.start_solve("inverse")
-        x = self._solve((z,), self._times(z, reverse=True))[0]
-        self.dynamics.phase = phase
+        func = self.dynamics.solve()
+        x = self._solve(func, (z,), self._times(z, reverse=True))[0]
+        self._last_inverse_nfe = func.nfe["forward"]
         return x
 
     def nfe(self) -> dict[str, int]:
-        return dict(self.dynamics.nfe)
+        """Evaluations of f: the last forward solve, the adjoint backward solve after it, the last inverse."""
+        return {**self._last_solve_nfe, "inverse": self._last_inverse_nfe}
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, float]:
+        n = self.nfe()
+        return {"nfe_forward": n["forward"], "nfe_backward": n["backward"], "end_time": float(self.end_time())}

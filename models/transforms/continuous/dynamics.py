@@ -1,13 +1,16 @@
-"""The augmented dynamics of a CNF (Chen et al. 2018; FFJORD, Grathwohl et al. 2019):
+"""The augmented dynamics of a CNF (Chen et al. 2018, arXiv:1806.07366; FFJORD, arXiv:1810.01367):
 
     d/dt [z, dlogp, (KE, JF)] = [f(z, t), -tr(df/dz), (0.5 mean f^2, ||df/dz||_F^2 / D)]
 
 so that log p(z(0)) = log p(z(T)) - dlogp(T), i.e. the CNF's ldj is -dlogp(T).
 With the state ``(z,)`` alone it is plain dz/dt = f (sampling, reconstruction).
 
-The trace is Hutchinson's estimate with noise set by ``start_solve`` (fixed during a
-solve) or exact.  Evaluations of f are counted per phase ("forward" solve, "backward"
-adjoint solve, "inverse" solve) for the NFE diagnostics.
+``AugmentedDynamics`` owns the vector field ``net`` (and so its parameter names);
+every ODE solve gets its own :class:`Solve` from ``solve(trace, noise)``: a closure
+holding that solve's trace mode, its Hutchinson noise (drawn once per solve and held
+fixed, so the solver integrates one smooth ODE) and its counts of evaluations of f,
+split into the forward solve and the adjoint's backward solve that follows it.  Nothing
+about a solve is stored on the persistent module.
 """
 from __future__ import annotations
 
@@ -17,27 +20,19 @@ from torch import nn
 from models.transforms.continuous.regularizers import kinetic_energy_rate
 from models.transforms.continuous.trace import exact_trace, hutchinson_trace
 
-PHASES = ("forward", "backward", "inverse")
-
 
 class AugmentedDynamics(nn.Module):
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
-        # state of the current solve (plain attributes: never saved, never trained)
-        self.trace, self.noise, self.phase = "exact", None, "forward"
-        self.nfe = dict.fromkeys(PHASES, 0)
 
-    def start_solve(self, phase: str, trace: str = "exact", noise: torch.Tensor | None = None) -> None:
+    def solve(self, trace: str = "exact", noise: torch.Tensor | None = None) -> "Solve":
         if trace == "hutchinson" and noise is None:
             raise ValueError("the Hutchinson trace needs its noise, drawn once per solve")
-        self.phase, self.trace, self.noise = phase, trace, noise
+        return Solve(self, trace, noise)
 
-    def reset_counts(self) -> None:
-        self.nfe = dict.fromkeys(PHASES, 0)
-
-    def forward(self, t: torch.Tensor, states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        self.nfe[self.phase] += 1
+    def rates(self, t: torch.Tensor, states: tuple[torch.Tensor, ...], trace: str,
+              noise: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         z = states[0]
         if len(states) == 1:
             return (self.net(t, z),)
@@ -46,13 +41,33 @@ class AugmentedDynamics(nn.Module):
             if not (outer_grad and z.requires_grad):  # (a view made under no_grad can claim requires_grad)
                 z = z.detach().requires_grad_(True)
             f = self.net(t, z)
-            if self.trace == "hutchinson":
-                trace, sq_jac = hutchinson_trace(f, z, self.noise, create_graph=outer_grad)
+            if trace == "hutchinson":
+                tr, sq_jac = hutchinson_trace(f, z, noise, create_graph=outer_grad)
             else:
-                trace, sq_jac = exact_trace(f, z, create_graph=outer_grad)
-        rates = [f, -trace]
+                tr, sq_jac = exact_trace(f, z, create_graph=outer_grad)
+        rates = [f, -tr]
         if len(states) > 2:  # regulariser states follow
             rates += [kinetic_energy_rate(f), sq_jac]
         if not outer_grad:
             rates = [r.detach() for r in rates]
         return tuple(rates)
+
+
+class Solve(nn.Module):
+    """The ODE function of one solve (what torchdiffeq integrates).  A module, so that
+    ``odeint_adjoint`` finds the parameters of ``net`` through it; ``finish_forward()``
+    marks the end of the forward solve: later evaluations are the adjoint's backward solve."""
+
+    def __init__(self, dynamics: AugmentedDynamics, trace: str, noise: torch.Tensor | None):
+        super().__init__()
+        self.dynamics = dynamics
+        self.trace, self.noise = trace, noise
+        self.nfe = {"forward": 0, "backward": 0}
+        self._phase = "forward"
+
+    def finish_forward(self) -> None:
+        self._phase = "backward"
+
+    def forward(self, t: torch.Tensor, states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        self.nfe[self._phase] += 1
+        return self.dynamics.rates(t, states, self.trace, self.noise)

@@ -6,8 +6,8 @@ along the trajectory as extra ODE states:
 
 Means over the D dimensions and the 1/2 follow the official code (cfinlay/ffjord-rnode
 ``quadratic_cost`` and ``divergence_approx``), the scale at which its coefficients
-(0.01 each on CIFAR-10) were set.  The trainer adds coefficient x batch mean, summed over
-CNF blocks, to the loss (``FFJORDFlow.auxiliary_losses``).
+(0.01 each on CIFAR-10) were set.  Each CNF returns coefficient x batch mean of its
+integrals with its forward (``CNF.forward_aux``); the objective adds them to the loss.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from models.core.transform import sum_except_batch
-from models.transforms.discrete.discretized_logistic import DiscretizedLogisticMixture
+from models.core.discretized_logistic import DiscretizedLogisticMixture
 from models.transforms.surjections.split import FactorOut
 
 
@@ -44,17 +44,18 @@ class IntegerFactorOut(FactorOut):
         super().__init__(prior_net, keep_channels)
         self.num_mixtures, self.bin_scale = num_mixtures, bin_scale
 
-    def conditional_prior(self, x1: torch.Tensor) -> DiscretizedLogisticMixture:
+    def latent_distribution(self, x1: torch.Tensor) -> DiscretizedLogisticMixture:
         """P(x2 | x1), one mixture per element of x2."""
         h = self.prior_net(x1 / self.bin_scale).to(x1.dtype)
         return mixture_from_net_output(h, self.num_mixtures, self.bin_scale)
 
     def split(self, x, context=None):
         x1, x2 = self.halves(x)
-        return x1, sum_except_batch(self.conditional_prior(x1).log_prob(x2)), x2
+        x1 = x1.contiguous()  # the same layout in both directions of the codec (bit-exact priors)
+        return x1, sum_except_batch(self.latent_distribution(x1).log_prob(x2)), x2
 
     def merge(self, z, latent, context=None):
         return torch.cat([z, latent.to(z.dtype)], dim=1)
 
     def inverse(self, z, context=None, *, temperature=1.0):
-        return self.merge(z, self.conditional_prior(z).sample(temperature), context)
+        return self.merge(z, self.latent_distribution(z).sample(temperature), context)

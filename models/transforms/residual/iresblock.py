@@ -20,6 +20,12 @@ elementwise or ``inverse_max_iters``.  The iterations used and the achieved resi
 max |x + g(x) - y| of the last inverse are kept for diagnostics (plain attributes, never
 read by ``forward``).
 
+Hooks (``models.core.transform``): ``data_init`` runs the power iterations of every
+spectrally normalised layer of ``net`` to tolerance before training, ``after_optimizer_step``
+refines them after every step (``models.nets.lipschitz``), and ``diagnostics`` reports the
+series terms of the last forward, the fixed-point iterations and residual of the last
+inverse, the power iterations and the largest sigma / coeff of its layers.
+
 The block's arithmetic runs in at least float32 with autocast off (the invertible stream
 convention).  The probe and N come from torch's global RNG: no estimator state on the module.
 """
@@ -28,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from models.core.transform import Transform, compute_dtype
+from models.nets.lipschitz import SpectralNormBase
 from models.transforms.residual.logdet_estimators import (
     DISTRIBUTIONS,
     MemoryEfficientLogDet,
@@ -64,6 +71,30 @@ class InvertibleResidualBlock(Transform):
         self.last_terms = 0
         self.last_inverse_iters = 0
         self.last_inverse_residual = 0.0
+
+    # --- hooks ---------------------------------------------------------------------------
+    def spectral_norm_layers(self) -> list[SpectralNormBase]:
+        return [m for m in self.net.modules() if isinstance(m, SpectralNormBase)]
+
+    @torch.no_grad()
+    def data_init(self) -> None:
+        """Converge every power iteration (to tolerance or its max_iters)."""
+        self.after_optimizer_step()
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        for layer in self.spectral_norm_layers():
+            layer.power_iteration()
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, float]:
+        out = {"series_terms": self.last_terms, "inverse_iters": self.last_inverse_iters,
+               "inverse_residual": self.last_inverse_residual}
+        sn = self.spectral_norm_layers()
+        if sn:
+            out["power_iters"] = max(m.last_iters for m in sn)
+            out["sigma_over_coeff"] = max(float(m.sigma().detach()) / m.coeff for m in sn)
+        return out
 
     # --- the series -----------------------------------------------------------------------
     def series_weights(self) -> list[float]:

@@ -111,15 +111,19 @@ class ArgmaxSurjection(Transform):
     def num_classes(self) -> int:
         return self.encoding.num_classes
 
-    def forward(self, x, context=None):
+    def forward_aux(self, x, context=None):
         dtype = compute_dtype(x) if x.is_floating_point() else torch.get_default_dtype()
         idx = x.long()
         b, c, h, w = idx.shape
         e = self.encoding.dims
         features = self.encoding.features(idx, dtype).reshape(b, c * e, h, w)
-        v, log_q_v = self.noise(features)
+        v, log_q_v, aux = self.noise(features)
         z, log_det = self.encoding.threshold(v.to(dtype).reshape(b, c, e, h, w), idx)
-        return z.reshape(b, c * e, h, w), log_det - log_q_v.to(log_det.dtype)
+        return z.reshape(b, c * e, h, w), log_det - log_q_v.to(log_det.dtype), {f"noise.{k}": a for k, a in aux.items()}
+
+    def forward(self, x, context=None):
+        z, ldj, _ = self.forward_aux(x, context)
+        return z, ldj
 
     def inverse(self, z, context=None, *, temperature=1.0):
         b, ce, h, w = z.shape

@@ -26,9 +26,13 @@ class Augmentation(Transform):
         super().__init__()
         self.noise = noise
 
+    def forward_aux(self, x, context=None):
+        u, log_q, aux = self.noise(x.to(compute_dtype(x)))
+        return torch.cat([x, u.to(x.dtype)], dim=1), -log_q, {f"noise.{k}": v for k, v in aux.items()}
+
     def forward(self, x, context=None):
-        u, log_q = self.noise(x.to(compute_dtype(x)))
-        return torch.cat([x, u.to(x.dtype)], dim=1), -log_q
+        z, ldj, _ = self.forward_aux(x, context)
+        return z, ldj
 
     def inverse(self, z, context=None, *, temperature=1.0):
         return z[:, : z.shape[1] - self.noise.channels]

@@ -13,18 +13,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.core.compose import Compose
 from models.core.distributions import gaussian_log_prob
 from models.core.transform import Transform, compute_dtype, sum_except_batch
 
 
-def push_noise(flow, eps: torch.Tensor, context) -> tuple[torch.Tensor, torch.Tensor]:
-    """(u, log q(u)) for u = g(eps; context) with eps ~ N(0, I), by the change of variables."""
-    u = eps
-    log_q = gaussian_log_prob(eps, torch.zeros_like(eps), torch.zeros_like(eps))
-    for t in flow:
-        u, ldj = t(u, context)
-        log_q = log_q - ldj
-    return u, log_q
+def push_noise(flow: Compose, eps: torch.Tensor, context) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(u, log q(u), auxiliary losses of g) for u = g(eps; context) with eps ~ N(0, I),
+    by the change of variables."""
+    u, ldj, aux = flow.forward_aux(eps, context)
+    return u, gaussian_log_prob(eps, torch.zeros_like(eps), torch.zeros_like(eps)) - ldj, aux
 
 
 class ConditionalNoise(nn.Module):
@@ -32,12 +30,12 @@ class ConditionalNoise(nn.Module):
 
     def __init__(self, flow: list[Transform], context_net: nn.Module, channels: int):
         super().__init__()
-        self.flow = nn.ModuleList(flow)
+        self.flow = Compose(flow)
         self.context_net = context_net
         self.channels = channels
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(u, log q(u | x)) given continuous ``features`` of x, shape (B, C_f, H, W)."""
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(u, log q(u | x), auxiliary losses) given continuous ``features`` of x, shape (B, C_f, H, W)."""
         b, _, h, w = features.shape
         eps = torch.randn(b, self.channels, h, w, device=features.device, dtype=features.dtype)
         return push_noise(self.flow, eps, self.context_net(features))

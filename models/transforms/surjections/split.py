@@ -39,6 +39,11 @@ class FactorOut(Transform):
         z, ldj, _ = self.split(x, context)
         return z, ldj
 
+    def latent_distribution(self, kept: torch.Tensor):
+        """The distribution of the latent ``split`` keeps, given the part that went on
+        (discrete factor-outs: what an entropy coder codes the latent with)."""
+        raise NotImplementedError(f"{type(self).__name__} has no coding distribution for its latent")
+
     def output_shape(self, in_shape):
         c, h, w = in_shape
         return (self.keep_channels, h, w)

@@ -22,6 +22,7 @@ import math
 import torch
 from torch import nn
 
+from models.core.compose import Compose
 from models.core.transform import Transform, compute_dtype
 from models.transforms.surjections.conditional_noise import push_noise
 
@@ -33,24 +34,28 @@ class VariationalDequantization(Transform):
 
     def __init__(self, flow: list[Transform], context_net: nn.Module, num_bits: int = 8):
         super().__init__()
-        self.flow = nn.ModuleList(flow)
+        self.flow = Compose(flow)
         self.context_net = context_net
         self.num_bins = 2 ** int(num_bits)
 
     def sample_noise(self, x: torch.Tensor):
-        """(u, log q(u | x)) for integer images x."""
+        """(u, log q(u | x), auxiliary losses of the noise flow) for integer images x."""
         x = x.to(torch.get_default_dtype())
         context = self.context_net(x / self.num_bins - 0.5)
         return push_noise(self.flow, torch.randn_like(x), context)
 
     def forward(self, x, context=None):
+        z, ldj, _ = self.forward_aux(x, context)
+        return z, ldj
+
+    def forward_aux(self, x, context=None):
         x = x.to(torch.get_default_dtype())
-        u, log_q = self.sample_noise(x)
+        u, log_q, aux = self.sample_noise(x)
         v = x + u.to(x.dtype)
         # keep x + u inside its bin despite float rounding (sigmoid can round to 0 or 1)
         v = torch.minimum(torch.maximum(v, x), torch.nextafter(x + 1, x))
         ldj = -x[0].numel() * math.log(self.num_bins) - log_q.to(compute_dtype(x))
-        return v / self.num_bins, ldj
+        return v / self.num_bins, ldj, {f"flow.{k}": a for k, a in aux.items()}
 
     def inverse(self, z, context=None, *, temperature=1.0):
         return torch.floor(z * self.num_bins).clamp(0, self.num_bins - 1)
