@@ -15,7 +15,7 @@ import numpy as np
 from compression.codec import FlowCodec
 from compression.image_files import write_pngs
 from engine.cli import run_cli
-from engine.errors import FlowlabError
+from common.errors import FlowlabError
 from engine.run import load_run
 
 

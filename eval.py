@@ -19,7 +19,7 @@ import os
 import torch
 
 from engine.cli import run_cli
-from engine.errors import FlowlabError
+from common.errors import FlowlabError
 from engine.evaluate import evaluate_bpd
 from engine.run import load_run
 from engine.setup import load_data

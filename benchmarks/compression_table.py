@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from compression.baselines import available_codecs, codec_bits  # noqa: E402
 from compression.codec import FlowCodec  # noqa: E402
 from engine.cli import run_cli  # noqa: E402
-from engine.errors import FlowlabError  # noqa: E402
+from common.errors import FlowlabError  # noqa: E402
 from engine.run import load_run  # noqa: E402
 from engine.setup import load_data  # noqa: E402
 

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from data import ImageDataset  # noqa: E402
 from engine.cli import run_cli  # noqa: E402
 from engine.config import load_config  # noqa: E402
-from engine.errors import FlowlabError  # noqa: E402
+from common.errors import FlowlabError  # noqa: E402
 from engine.setup import count_parameters, load_data  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
 

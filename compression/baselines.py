@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.errors import FlowlabError
+from common.errors import FlowlabError
 
 # name -> (encode kwargs); all through imagecodecs: libpng, libwebp, OpenJPEG, libjxl
 CODECS = {

@@ -15,7 +15,7 @@ import zlib
 
 import numpy as np
 
-from engine.errors import FlowlabError
+from common.errors import FlowlabError
 
 MAGIC, VERSION = b"FLIC", 1
 _FIXED = struct.Struct("<4sHIHHHBH32sIB")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from compression.bitstream import Header, images_crc, pack, unpack
-from engine.errors import FlowlabError
+from common.errors import FlowlabError
 
 MAX_ALPHABET = 1 << 16          # symbols per latent alphabet (a guard against diverged models; tables are sliced)
 TABLE_ELEMENTS = 1 << 21        # probability-table entries x components computed at once

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from engine.errors import FlowlabError
+from common.errors import FlowlabError
 
 
 def _to_nchw(array: np.ndarray, source: str) -> np.ndarray:

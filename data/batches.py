@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.errors import FlowlabError
+from common.errors import FlowlabError
 
 
 class ShardedBatches:

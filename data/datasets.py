@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engine.errors import FlowlabError
+from common.errors import FlowlabError
 
 Loader = Callable[[str, "str | None", bool], "tuple[np.ndarray, np.ndarray, str]"]
 LOADERS: dict[str, Loader] = {}

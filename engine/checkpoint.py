@@ -13,7 +13,7 @@ import tempfile
 
 import torch
 
-from engine.errors import FlowlabError
+from common.errors import FlowlabError
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from engine.errors import FlowlabError
+from common.errors import FlowlabError
 
 
 def run_cli(main) -> None:

@@ -13,7 +13,7 @@ import os
 
 import yaml
 
-from engine.errors import FlowlabError
+from common.errors import FlowlabError
 from models.architectures import ARCHITECTURES, architecture
 
 DEFAULTS = {

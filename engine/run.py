@@ -7,7 +7,7 @@ import torch
 
 from engine.checkpoint import checkpoint_path, load_checkpoint, load_model_state
 from engine.config import resolve
-from engine.errors import FlowlabError
+from common.errors import FlowlabError
 from engine.setup import make_model
 
 

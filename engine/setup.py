@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from data import load_dataset
-from engine.errors import FlowlabError
+from common.errors import FlowlabError
 from models.architectures import build_model
 
 

@@ -23,7 +23,7 @@ from data import ShardedBatches, augment
 from engine.checkpoint import checkpoint_path, load_checkpoint, load_model_state, save_checkpoint
 from engine.config import save_config
 from engine.ema import EMA
-from engine.errors import FlowlabError
+from common.errors import FlowlabError
 from engine.evaluate import evaluate_bpd, seeded
 from engine.images import grid_layout, save_grid, to_uint8
 from engine.metrics import bits_per_dim

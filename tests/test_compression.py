@@ -20,7 +20,7 @@ from compression import bitstream
 from compression.baselines import CODECS, available_codecs, codec_bits
 from compression.codec import FlowCodec
 from engine.config import load_config
-from engine.errors import FlowlabError
+from common.errors import FlowlabError
 from engine.trainer import run_training
 from models.architectures import build_model, idf
 from tests.helpers import ROOT, SUBSET, needs_subset, run_command

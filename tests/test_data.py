@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data import ShardedBatches, augment, eval_batches, load_dataset, read_idx
-from engine.errors import FlowlabError
+from common.errors import FlowlabError
 
 SUBSET = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10_subset.npz")
 needs_subset = pytest.mark.skipif(not os.path.isfile(SUBSET), reason="../shared/data/cifar10_subset.npz absent")

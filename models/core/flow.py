@@ -151,10 +151,9 @@ class Flow(nn.Module):
     def data_init(self, x: torch.Tensor) -> None:
         """Every layer's ``data_init()``, then one forward pass on ``x`` if a layer
         initialises from data (ActNorm)."""
-        layers = self.layers()
-        for _, t in layers:
+        for _, t in self.layers():
             t.data_init()
-        if any(t.needs_data_init for _, t in layers):
+        if any(getattr(m, "needs_data_init", False) for m in self.modules()):  # layers and net layers (ActNorm2d)
             self.log_prob(x)
 
     def after_optimizer_step(self) -> None:

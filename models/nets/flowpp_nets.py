@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.transforms.bijections.checkerboard import checkerboard_split
+from models.core.reshape import checkerboard_split
 
 
 def concat_elu(x: torch.Tensor) -> torch.Tensor:

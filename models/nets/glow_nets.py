@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.transforms.bijections.actnorm import ActNorm
+from models.nets.actnorm import ActNorm2d
 
 
 class EdgePaddedConv2d(nn.Conv2d):
@@ -56,7 +56,7 @@ class ConvActNorm(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, edge_padding: bool = True):
         super().__init__()
         self.conv = EdgePaddedConv2d(in_channels, out_channels, kernel_size, bias=False, edge_padding=edge_padding)
-        self.norm = ActNorm(out_channels)
+        self.norm = ActNorm2d(out_channels)
 
     def forward(self, x):
         return self.norm.normalize(self.conv(x))

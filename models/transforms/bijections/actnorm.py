@@ -1,13 +1,11 @@
-"""ActNorm (Kingma & Dhariwal 2018, Glow §3.1).
+"""ActNorm (Kingma & Dhariwal 2018, arXiv:1807.03039, Glow §3.1) as a bijection.
 
     y = (x + b) * exp(s)            per channel
     log|det| = H * W * sum_c s_c
 
-Data-dependent init on the first batch it sees: b = -mean, s = log(1 / (std + eps)),
-so the output has zero mean and unit variance per channel.  ``s`` is stored divided
-by ``logscale_factor`` (3 in the official code), which scales its effective learning
-rate.  The ``initialized`` flag is a buffer, so it travels with checkpoints and a
-loaded model is never re-initialised.
+Data-dependent init on the first batch it sees (``models.nets.actnorm.ActNorm2d``, the
+same affine map as a network layer, holds the parameters and the init): b = -mean,
+s = log(1 / (std + eps)), so the output has zero mean and unit variance per channel.
 
 ``spatial_shape=(H, W)`` gives one (b, s) per element instead of per channel (Flow++'s
 ``Norm``): statistics over the batch only, log|det| = sum_{c,h,w} s_chw.
@@ -15,52 +13,13 @@ loaded model is never re-initialised.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from models.core.transform import Transform, compute_dtype
+from models.nets.actnorm import ActNorm2d
 
 
-class ActNorm(Transform):
+class ActNorm(ActNorm2d, Transform):
     needs_data_init = True
-
-    def __init__(self, num_channels: int, scale: float = 1.0, logscale_factor: float = 3.0, eps: float = 1e-6,
-                 spatial_shape: tuple[int, int] | None = None):
-        super().__init__()
-        self.per_element = spatial_shape is not None
-        shape = (1, num_channels, *spatial_shape) if self.per_element else (1, num_channels, 1, 1)
-        self.bias = nn.Parameter(torch.zeros(shape))
-        self.logs = nn.Parameter(torch.zeros(shape))
-        self.scale, self.logscale_factor, self.eps = scale, logscale_factor, eps
-        self.register_buffer("initialized", torch.zeros(()))
-        self._known_initialized = False  # host-side copy of the flag: no device sync per call
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._known_initialized = False
-        super()._load_from_state_dict(*args, **kwargs)
-
-    @torch.no_grad()
-    def _initialize(self, x: torch.Tensor) -> None:
-        x = x.to(compute_dtype(x))
-        dims = (0,) if self.per_element else (0, 2, 3)
-        mean = x.mean(dim=dims, keepdim=True)
-        std = (x - mean).pow(2).mean(dim=dims, keepdim=True).sqrt()
-        self.bias.copy_(-mean)
-        self.logs.copy_(torch.log(self.scale / (std + self.eps)) / self.logscale_factor)
-        self.initialized.fill_(1.0)
-        self._known_initialized = True
-
-    def _log_scale(self) -> torch.Tensor:
-        return self.logs * self.logscale_factor
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """The affine map alone (used inside conditioner networks)."""
-        if not self._known_initialized:
-            if bool(self.initialized):
-                self._known_initialized = True
-            else:
-                self._initialize(x)
-        scale = torch.exp(self._log_scale()).to(x.dtype)
-        return torch.addcmul(self.bias.to(x.dtype) * scale, x, scale)  # (x + b) * s in one pass
 
     def forward(self, x, context=None):
         z = self.normalize(x)

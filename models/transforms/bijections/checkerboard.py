@@ -13,20 +13,9 @@ first and second half of the channels).  ``CheckerboardMerge`` is ``Inverse(Chec
 """
 from __future__ import annotations
 
-import torch
-
 from models.core.compose import Inverse
+from models.core.reshape import checkerboard_merge, checkerboard_split
 from models.core.transform import Transform, zeros_ldj
-
-
-def checkerboard_split(x: torch.Tensor) -> torch.Tensor:
-    b, c, h, w = x.shape
-    return x.reshape(b, c, h, w // 2, 2).permute(0, 4, 1, 2, 3).reshape(b, 2 * c, h, w // 2)
-
-
-def checkerboard_merge(z: torch.Tensor) -> torch.Tensor:
-    b, c2, h, w2 = z.shape
-    return z.reshape(b, 2, c2 // 2, h, w2).permute(0, 2, 3, 4, 1).reshape(b, c2 // 2, h, 2 * w2)
 
 
 class CheckerboardSplit(Transform):
