@@ -28,9 +28,11 @@ VENV_OK := $(shell $(VPY) -c "" >/dev/null 2>&1 && echo yes)
 venv: $(STAMP)
 
 # Reinstalled only when requirements.txt is newer than the stamp (or the venv is broken).
-$(STAMP): requirements.txt $(if $(VENV_OK),,FORCE)
+# Then the project itself, editable (pyproject.toml): its packages import from any script's folder.
+$(STAMP): requirements.txt pyproject.toml $(if $(VENV_OK),,FORCE)
 	@if [ -z "$(VENV_OK)" ]; then echo "creating $(VENV) with $(PYTHON)"; rm -rf $(VENV); $(PYTHON) -m venv $(VENV); fi
 	$(VPY) -m pip install --progress-bar off -r requirements.txt
+	$(VPY) -m pip install --progress-bar off --no-deps --no-build-isolation -e .
 	@touch $@
 
 FORCE:

@@ -11,21 +11,19 @@ speeds are images per second on this machine's CPU (float64 model, one process).
 import argparse
 import json
 import os
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from compression.baselines import available_codecs, codec_bits  # noqa: E402
-from compression.codec import FlowCodec  # noqa: E402
-from engine.cli import run_cli  # noqa: E402
-from common.errors import FlowlabError  # noqa: E402
-from engine.run import load_run  # noqa: E402
-from engine.setup import load_data  # noqa: E402
+from compression.baselines import available_codecs, codec_bits
+from compression.codec import FlowCodec
+from engine.cli import run_cli
+from common.errors import FlowlabError
+from engine.run import load_run
+from engine.setup import load_data
 
 
 def _timed(fn, *args):

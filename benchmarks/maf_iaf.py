@@ -12,19 +12,17 @@ per batch and the MADE passes each direction needs.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models.core.distributions import StandardNormal  # noqa: E402
-from models.core.flow import Flow  # noqa: E402
-from models.nets.made import MADE  # noqa: E402
-from models.transforms.vector.iaf import IAF  # noqa: E402
-from models.transforms.vector.maf import MAF  # noqa: E402
+from models.core.distributions import StandardNormal
+from models.core.flow import Flow
+from models.nets.made import MADE
+from models.transforms.vector.iaf import IAF
+from models.transforms.vector.maf import MAF
 
 
 def build(kind: str, dim: int, layers: int, hidden: int) -> Flow:

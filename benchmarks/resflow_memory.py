@@ -23,7 +23,6 @@ MODES = {"series": (False, False), "neumann": (True, False), "mem_eff": (True, T
 
 
 def child(mode: str, terms: int, blocks: int, hidden: int, batch: int) -> dict:
-    sys.path.insert(0, ROOT)
     import time
 
     import torch

@@ -28,16 +28,15 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
+import torch
 
-from data import ImageDataset  # noqa: E402
-from engine.cli import run_cli  # noqa: E402
-from engine.config import load_config  # noqa: E402
-from common.errors import FlowlabError  # noqa: E402
-from engine.setup import count_parameters, load_data  # noqa: E402
-from engine.trainer import Trainer  # noqa: E402
+from data import ImageDataset
+from engine.cli import run_cli
+from engine.config import load_config
+from common.errors import FlowlabError
+from engine.setup import count_parameters, load_data
+from engine.trainer import Trainer
 
 RANDOM_SHAPES = {"cifar10": (3, 32, 32), "npz": (3, 32, 32), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28)}
 

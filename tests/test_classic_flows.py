@@ -323,10 +323,7 @@ def test_made_explicit_ordering_and_bad_ordering():
 
 
 def test_maf_iaf_benchmark_prints_the_trade_off(capsys):
-    import os
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    import maf_iaf
+    from benchmarks import maf_iaf
 
     rows = maf_iaf.main(["--dims", "2", "24", "--batch", "8", "--hidden", "16", "--repeats", "1"])
     out = capsys.readouterr().out

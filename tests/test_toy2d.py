@@ -1,9 +1,7 @@
-"""2-D toy data, the Rezende & Mohamed energies, and the experiments/toy2d.py script."""
+"""2-D toy data, the Rezende & Mohamed energies, and the scripts/toy2d.py script."""
 from __future__ import annotations
 
 import math
-import os
-import sys
 
 import pytest
 import torch
@@ -11,8 +9,7 @@ from PIL import Image
 
 from data import toy2d
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
-import toy2d as toy_script  # noqa: E402  (experiments/toy2d.py)
+from scripts import toy2d as toy_script
 
 
 @pytest.mark.parametrize("name", toy2d.DATASETS)

@@ -1,8 +1,8 @@
 """Train a VAE with K posterior flow steps for K in {0, 10, 20, 40, 80} at the same budget
 and print -ELBO and an importance-sampled -log p(x) next to Rezende & Mohamed's MNIST table.
 
-    python experiments/vae_flow_table.py                         # planar, ~10 min on 2 CPU cores
-    python experiments/vae_flow_table.py --flow radial --steps 4000 --eval-n 10000 --is-samples 5000
+    python scripts/vae_flow_table.py                         # planar, ~10 min on 2 CPU cores
+    python scripts/vae_flow_table.py --flow radial --steps 4000 --eval-n 10000 --is-samples 5000
 
 Data: Fashion-MNIST (offline: Debian's dataset-fashion-mnist), binarized by a fixed
 threshold (pixel / 255 > 0.5).  The seed's numbers are on binarized MNIST with a larger
@@ -15,15 +15,12 @@ importance sampling with ``--is-samples`` samples.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models.vae.flow_vae import FLOWS, FlowVAE, load_binarized_fashion_mnist  # noqa: E402
+from models.vae.flow_vae import FLOWS, FlowVAE, load_binarized_fashion_mnist
 
 SEED_MNIST = {0: 89.9, 10: 87.5, 20: 86.5, 40: 85.7, 80: 85.1}  # Rezende & Mohamed 2015, planar, nats
 

@@ -3,8 +3,8 @@ energy of Rezende & Mohamed 2015 (reverse KL), and write a PNG:
 
     data (or target exp(-U)) | learned density | samples from the flow
 
-    python experiments/toy2d.py --flow realnvp --data two_moons --out runs/toy2d/realnvp_two_moons.png
-    python experiments/toy2d.py --flow planar --energy u2 --out runs/toy2d/planar_u2.png
+    python scripts/toy2d.py --flow realnvp --data two_moons --out runs/toy2d/realnvp_two_moons.png
+    python scripts/toy2d.py --flow planar --energy u2 --out runs/toy2d/planar_u2.png
 
 Flows: realnvp (affine couplings, alternating masks), nice (additive couplings + diagonal
 scaling), maf, iaf (MADE, alternating orderings), planar, radial, sylvester (--kind
@@ -22,29 +22,27 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import torch
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data import toy2d  # noqa: E402
-from models.core.compose import Compose  # noqa: E402
-from models.core.distributions import StandardNormal  # noqa: E402
-from models.core.flow import Flow  # noqa: E402
-from models.nets.made import MADE  # noqa: E402
-from models.nets.realnvp_nets import MLPConditioner  # noqa: E402
-from models.transforms.bijections import masks  # noqa: E402
-from models.transforms.bijections.diagonal_scaling import DiagonalScaling  # noqa: E402
-from models.transforms.bijections.masked_additive_coupling import MaskedAdditiveCoupling  # noqa: E402
-from models.transforms.bijections.masked_affine_coupling import MaskedAffineCoupling  # noqa: E402
-from models.transforms.vector.iaf import IAF  # noqa: E402
-from models.transforms.vector.maf import MAF  # noqa: E402
-from models.transforms.vector.planar import PlanarFlow  # noqa: E402
-from models.transforms.vector.radial import RadialFlow  # noqa: E402
-from models.transforms.vector.sylvester import SylvesterFlow  # noqa: E402
+from data import toy2d
+from models.core.compose import Compose
+from models.core.distributions import StandardNormal
+from models.core.flow import Flow
+from models.nets.made import MADE
+from models.nets.realnvp_nets import MLPConditioner
+from models.transforms.bijections import masks
+from models.transforms.bijections.diagonal_scaling import DiagonalScaling
+from models.transforms.bijections.masked_additive_coupling import MaskedAdditiveCoupling
+from models.transforms.bijections.masked_affine_coupling import MaskedAffineCoupling
+from models.transforms.vector.iaf import IAF
+from models.transforms.vector.maf import MAF
+from models.transforms.vector.planar import PlanarFlow
+from models.transforms.vector.radial import RadialFlow
+from models.transforms.vector.sylvester import SylvesterFlow
 
 FLOWS = ("realnvp", "nice", "maf", "iaf", "planar", "radial", "sylvester")
 DEFAULT_LAYERS = {"realnvp": 8, "nice": 6, "maf": 5, "iaf": 5, "planar": 32, "radial": 32, "sylvester": 16}
