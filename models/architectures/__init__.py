@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import importlib
 
-from models.builders import dequantizer as _dequantizer
-
 ARCHITECTURES = {
     "glow": "models.architectures.glow",
     "resflow": "models.architectures.resflow",
@@ -30,8 +28,10 @@ def architecture(name: str):
 
 def dequantizer_section(name: str) -> tuple[dict, dict]:
     """Defaults and choices of the ``dequantizer`` config section for family ``name``."""
+    from models.builders.dequantizer import section  # late, like the families: the registry stays light
+
     module = architecture(name)
-    return _dequantizer.section(module.DEQUANTIZERS, getattr(module, "DEQUANTIZER_DEFAULTS", None))
+    return section(module.DEQUANTIZERS, getattr(module, "DEQUANTIZER_DEFAULTS", None))
 
 
 def build_model(model_cfg: dict, data_shape, num_bits: int, dequantizer: dict | None = None):
