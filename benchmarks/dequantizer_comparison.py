@@ -6,10 +6,11 @@ bounds (single-sample on the whole test split, importance-weighted on its first 
         [--minutes 10] [--iw-samples 16] [--iw-max-examples 256] [--out runs/dequantizer_comparison]
         [any other benchmarks/equal_budget.py option, e.g. --set train.lr=2e-3]
 
-uniform:     y = (x + u) / 2^n, u ~ U(0, 1)                       (Theis et al. 2016)
-variational: u ~ q(u | x), Flow++'s conditional flow              (Ho et al. 2019)
+uniform:     y = (x + u) / 2^n, u ~ U(0, 1)                       (Theis et al. 2016, arXiv:1511.01844)
+variational: u ~ q(u | x), Flow++'s conditional flow              (Ho et al. 2019, arXiv:1902.00275)
 argmax:      every value a category, binary-encoded, z ~ q(z | x) with decode(z) = x
-             (Hoogeboom et al. 2021); the backbone sees 8x the channels for 8-bit data
+             (Hoogeboom et al. 2021, arXiv:2102.05379); the backbone sees 8x the channels for 8-bit data
+(``dequantizer.kind``; the config's other ``dequantizer`` knobs size q for variational and argmax.)
 All three give lower bounds on log P(x) of the same discrete images, in bits per sub-pixel.
 Runs three at a time with one thread each (``benchmarks/equal_budget.py`` does the work).
 """
@@ -25,14 +26,14 @@ DEQUANTIZERS = ("uniform", "variational", "argmax")
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="experiments/flowpp_small.yaml",
-                        help="a backbone with model.dequantization (glow or flowpp)")
+                        help="a config of a continuous family (glow, flowpp, realnvp, ffjord, resflow)")
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--iw-samples", type=int, default=16)
     parser.add_argument("--iw-max-examples", type=int, default=256)
     parser.add_argument("--out", default="runs/dequantizer_comparison")
     args, rest = parser.parse_known_args()
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "equal_budget.py"),
-           *(f"{args.config}::model.dequantization={d}" for d in DEQUANTIZERS),
+           *(f"{args.config}::dequantizer.kind={d}" for d in DEQUANTIZERS),
            "--minutes", str(args.minutes), "--threads", "1", "--parallel", str(len(DEQUANTIZERS)),
            "--out", args.out, "--iw-samples", str(args.iw_samples), "--iw-max-examples", str(args.iw_max_examples),
            "--set", "train.eval_every=0", "--set", "train.sample_every=0", *rest]

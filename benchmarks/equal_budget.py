@@ -5,7 +5,7 @@
         [--iw-max-examples N]
 
 A config may carry overrides for its run alone: ``CONFIG.yaml::key=value[::key=value ...]``
-(e.g. the same backbone with ``model.dequantization=uniform`` and ``=variational``); the run
+(e.g. the same backbone with ``dequantizer.kind=uniform`` and ``=variational``); the run
 is then named after the file and the override values (``flowpp_small_uniform``).
 
 Each config runs ``train.py CONFIG --out OUT/<name> train.time_limit_minutes=M`` with

@@ -1,10 +1,11 @@
 """Checkpoints: written atomically, carrying the resolved config, read with clear errors.
 
 A checkpoint is one file, ``RUN_DIR/checkpoint.pt``: a dict with ``config`` (the
-resolved config), ``model`` (state dict), ``ema`` (or None), ``optimizer``, ``step``,
-``images_seen`` and counters.  It is written to a temporary file in the same folder,
-flushed to disk and renamed over the old one, so a crash mid-write never leaves a
-half-written checkpoint and the last good one survives.
+resolved config, read back through ``engine.config.resolve``: a config with older key
+names comes back in the current ones), ``model`` (state dict), ``ema`` (or None),
+``optimizer``, ``step``, ``images_seen`` and counters.  It is written to a temporary file
+in the same folder, flushed to disk and renamed over the old one, so a crash mid-write
+never leaves a half-written checkpoint and the last good one survives.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import tempfile
 import torch
 
 from common.errors import FlowlabError
+from engine.config import resolve
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -50,6 +52,8 @@ def load_checkpoint(path: str) -> dict:
         raise FlowlabError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "model" not in state:
         raise FlowlabError(f"{path} is not a flowlab checkpoint (format {FORMAT_VERSION})")
+    if isinstance(state.get("config"), dict):
+        state["config"] = resolve(state["config"])
     return state
 
 

@@ -1,7 +1,10 @@
 """Configs: YAML files over typed defaults, with dotted ``key=value`` overrides.
 
 A config has the sections below.  ``model`` keys come from the architecture's own
-``DEFAULTS`` (``models.architectures``); every other section from ``DEFAULTS`` here.
+``DEFAULTS`` (``models.architectures``), ``dequantizer`` keys from
+``models.builders.dequantizer`` (with the family's default kind and knob defaults); every
+other section from ``DEFAULTS`` here.  Old key names (run directories written before
+Contract v2) are moved to their current place first (``engine.config_migrations``).
 Unknown keys, values of the wrong type and values outside a key's choices are
 one-line :class:`FlowlabError`\\ s.  The resolved config (every key, defaults
 filled in) is what a run directory and its checkpoints carry.
@@ -14,7 +17,8 @@ import os
 import yaml
 
 from common.errors import FlowlabError
-from models.architectures import ARCHITECTURES, architecture
+from engine.config_migrations import upgrade
+from models.architectures import ARCHITECTURES, architecture, dequantizer_section
 
 DEFAULTS = {
     "data": {
@@ -117,19 +121,34 @@ def _model_defaults(name) -> tuple[dict, dict]:
     return {"name": name, **module.DEFAULTS}, getattr(module, "CHOICES", {})
 
 
+def _dequantizer_defaults(name, given) -> tuple[dict, dict]:
+    """The ``dequantizer`` section of family ``name``; a kind it does not support is a one-line error."""
+    defaults, choices = dequantizer_section(name)
+    kind = given.get("kind") if isinstance(given, dict) else None
+    if kind is not None and kind not in choices["kind"]:
+        if choices["kind"] == ("none",):
+            raise FlowlabError(f"model '{name}' takes no dequantizer (discrete data): drop dequantizer.kind "
+                               f"{kind!r} (or set it to 'none')")
+        raise FlowlabError(f"model '{name}' supports dequantizer.kind {' | '.join(choices['kind'])}, got {kind!r}")
+    return defaults, choices
+
+
 def resolve(raw: dict) -> dict:
     """Fill defaults into a raw config and check every key, type and choice."""
     if not isinstance(raw, dict):
         raise FlowlabError("a config must be a mapping of sections (model, data, train, ...)")
-    unknown = set(raw) - set(DEFAULTS) - {"model"}
+    raw = upgrade(raw)
+    unknown = set(raw) - set(DEFAULTS) - {"model", "dequantizer"}
     if unknown:
-        raise FlowlabError(f"unknown config section(s) {sorted(unknown)}; known: model, {', '.join(DEFAULTS)}")
+        raise FlowlabError(f"unknown config section(s) {sorted(unknown)}; known: model, dequantizer, {', '.join(DEFAULTS)}")
     model_raw = raw.get("model") or {}
     if "name" not in model_raw:
         raise FlowlabError("config needs model.name (one of: " + ", ".join(sorted(ARCHITECTURES)) + ")")
     model_defaults, model_choices = _model_defaults(model_raw["name"])
-    sections = {"model": model_defaults, **copy.deepcopy(DEFAULTS)}
-    choices = {**CHOICES, **{("model", k): v for k, v in model_choices.items()}}
+    deq_defaults, deq_choices = _dequantizer_defaults(model_raw["name"], raw.get("dequantizer"))
+    sections = {"model": model_defaults, "dequantizer": deq_defaults, **copy.deepcopy(DEFAULTS)}
+    choices = {**CHOICES, **{("model", k): v for k, v in model_choices.items()},
+               **{("dequantizer", k): v for k, v in deq_choices.items()}}
     resolved = {}
     for section, defaults in sections.items():
         given = raw.get(section) or {}

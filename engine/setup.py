@@ -16,7 +16,7 @@ def load_data(cfg: dict):
 
 def make_model(cfg: dict, data_shape, num_bits: int):
     try:
-        return build_model(cfg["model"], data_shape, num_bits)
+        return build_model(cfg["model"], data_shape, num_bits, cfg.get("dequantizer"))
     except ValueError as e:
         raise FlowlabError(f"cannot build model '{cfg['model']['name']}' for data of shape {tuple(data_shape)}: {e}") from None
 

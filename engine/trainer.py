@@ -315,7 +315,7 @@ def prepare_run_dir(run_dir: str, cfg: dict, resume: bool) -> dict | None:
     ckpt = checkpoint_path(run_dir)
     if resume:
         state = load_checkpoint(ckpt)
-        for section in ("model", "data"):
+        for section in ("model", "dequantizer", "data"):
             if state["config"][section] != cfg[section]:
                 raise FlowlabError(f"cannot resume {run_dir}: its {section} config differs from the one given")
         return state

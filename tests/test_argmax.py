@@ -1,5 +1,5 @@
 """Argmax flows and SurVAE surjections (models/transforms/surjections/argmax.py, augmentation.py,
-conditional_noise.py; models/architectures/argmax.py and ``model.dequantization=argmax``).
+conditional_noise.py; models/architectures/argmax.py and ``dequantizer.kind=argmax``).
 
 The bound tests use models whose exact log P(x) is known: a categorical variable lifted by the
 argmax surjection onto a fixed diagonal Gaussian, where P(x) is the Gaussian mass of x's region
@@ -18,6 +18,7 @@ from torch import nn
 
 from engine.config import load_config
 from models.architectures import argmax, build_model, flowpp, glow
+from models.builders.dequantizer import build_dequantizer
 from models.core.distributions import LearnedGaussian, StandardNormal
 from models.core.flow import Flow
 from models.nets.glow_nets import ZeroConv2d
@@ -231,13 +232,14 @@ def test_augmentation_bound_is_log_p_minus_kl_and_iw_rises(float64):
 
 # ---- models -----------------------------------------------------------------------------------------------
 
-TINY = {"levels": 2, "depth": 1, "hidden_channels": 8, "noise_steps": 1, "noise_filters": 8, "noise_blocks": 1,
-        "noise_components": 3, "noise_heads": 2, "context_channels": 4, "context_blocks": 1}
+TINY = {"levels": 2, "steps": 1, "hidden_channels": 8}
+TINY_DEQ = {"steps": 1, "hidden_channels": 8, "hidden_blocks": 1, "components": 3, "heads": 2, "context_channels": 4,
+            "context_blocks": 1}
 
 
-def tiny_argmax(num_bits: int, **overrides) -> Flow:
+def tiny_argmax(num_bits: int, encoding: str = "binary", **overrides) -> Flow:
     cfg = {"name": "argmax", **argmax.DEFAULTS, **TINY, **overrides}
-    return build_model(cfg, (3, 4, 4), num_bits)
+    return build_model(cfg, (3, 4, 4), num_bits, {**TINY_DEQ, "kind": "argmax", "encoding": encoding})
 
 
 @pytest.mark.parametrize("encoding,num_bits,channels", [("binary", 8, 24), ("binary", 1, 3), ("onehot", 2, 12)])
@@ -260,13 +262,12 @@ def test_every_parameter_gets_a_gradient(build):
     if build.startswith("argmax"):
         model = tiny_argmax(2, encoding=build.split("_")[1])
     elif build == "glow_argmax":
-        model = build_model({"name": "glow", **glow.DEFAULTS, "levels": 2, "depth": 1, "hidden_channels": 8,
-                             "dequantization": "argmax"}, (3, 4, 4), 3)
+        model = build_model({"name": "glow", **glow.DEFAULTS, "levels": 2, "steps": 1, "hidden_channels": 8},
+                            (3, 4, 4), 3, {"kind": "argmax"})
     else:
-        model = build_model({"name": "flowpp", **flowpp.DEFAULTS, "steps": [1, 1, 1], "filters": 8, "blocks": 1,
-                             "heads": 2, "components": 3, "dequant_steps": 1, "dequant_filters": 8,
-                             "dequant_blocks": 1, "context_channels": 4, "context_blocks": 1,
-                             "dequantization": "argmax"}, (3, 4, 4), 3)
+        model = build_model({"name": "flowpp", **flowpp.DEFAULTS, "steps": [1, 1, 1], "hidden_channels": 8,
+                             "hidden_blocks": 1, "heads": 2, "components": 3}, (3, 4, 4), 3,
+                            {**TINY_DEQ, "kind": "argmax"})
     perturb_parameters(model, std=0.05, types=(ZeroConv2d,))  # zero-init last layers pass no gradient back
     x = torch.randint(0, 2 ** 3, (8, 3, 4, 4)).float().clamp(max=3 if build.startswith("argmax") else 7)
     model.data_init(x)
@@ -275,9 +276,9 @@ def test_every_parameter_gets_a_gradient(build):
 
 def test_unknown_dequantization_and_odd_width_are_refused():
     with pytest.raises(ValueError, match="even image width"):
-        build_model({"name": "argmax", **argmax.DEFAULTS, **TINY, "levels": 1}, (1, 4, 5), 1)
-    with pytest.raises(ValueError, match="unknown dequantization"):
-        flowpp.build_dequantization("argmaxx", (3, 4, 4), 8)
+        build_model({"name": "argmax", **argmax.DEFAULTS, **TINY, "levels": 1}, (1, 4, 5), 1, TINY_DEQ)
+    with pytest.raises(ValueError, match="unknown dequantizer.kind"):
+        build_dequantizer({"kind": "argmaxx"}, (3, 4, 4), 8)
 
 
 CONFIGS = ["argmax_cifar10.yaml", "argmax_small.yaml", "argmax_fashion_mnist.yaml", "argmax_cifar10_4levels_small.yaml"]
@@ -288,7 +289,7 @@ def test_configs_build(config):
     cfg = load_config(os.path.join(ROOT, "experiments", config))
     shape = (1, 28, 28) if cfg["data"]["name"] == "fashion_mnist" else (3, 32, 32)
     with torch.device("meta"):
-        model = build_model(cfg["model"], shape, cfg["data"]["n_bits"])
+        model = build_model(cfg["model"], shape, cfg["data"]["n_bits"], cfg["dequantizer"])
     code = model.transforms[0].encoding
     assert code.num_classes == 2 ** cfg["data"]["n_bits"] and model.num_dims == math.prod(shape)
     if cfg["paper"]["params"]:
@@ -301,8 +302,8 @@ def test_configs_build(config):
 def test_training_the_categorical_config_lowers_test_bpd(tmp_path):
     out = tmp_path / "run"
     run_command([sys.executable, "train.py", "experiments/argmax_cifar10_4levels_small.yaml", "--out", str(out),
-                 f"data.path={SUBSET}", "data.max_train=256", "data.max_test=32", "model.depth=1",
-                 "model.hidden_channels=16", "model.noise_filters=8", "train.batch_size=16", "train.init_batch_size=32",
+                 f"data.path={SUBSET}", "data.max_train=256", "data.max_test=32", "model.steps=1",
+                 "model.hidden_channels=16", "dequantizer.hidden_channels=8", "train.batch_size=16", "train.init_batch_size=32",
                  "train.steps=25", "train.eval_every=25", "train.sample_every=0", "train.checkpoint_every=0",
                  "train.log_every=5", "train.warmup_steps=0", "eval.batch_size=32", "sample.n=4",
                  "sample.temperatures=[0.7]"])
@@ -319,7 +320,7 @@ def test_equal_budget_per_run_overrides():
     equal_budget = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(equal_budget)
     assert equal_budget.parse_run("experiments/glow_small.yaml") == ("glow_small", "experiments/glow_small.yaml", [])
-    assert equal_budget.parse_run("a/flowpp_small.yaml::model.dequantization=argmax::train.lr=2e-3") == (
-        "flowpp_small_argmax_2e-3", "a/flowpp_small.yaml", ["model.dequantization=argmax", "train.lr=2e-3"])
+    assert equal_budget.parse_run("a/flowpp_small.yaml::dequantizer.kind=argmax::train.lr=2e-3") == (
+        "flowpp_small_argmax_2e-3", "a/flowpp_small.yaml", ["dequantizer.kind=argmax", "train.lr=2e-3"])
     with pytest.raises(SystemExit):
         equal_budget.parse_run("x.yaml::oops")

@@ -35,7 +35,7 @@ def test_glow_small_throughput_json():
 
 
 def test_falls_back_to_random_images_and_runs_bf16():
-    tiny = ["model.levels=2", "model.depth=1", "model.hidden_channels=8", "train.batch_size=2",
+    tiny = ["model.levels=2", "model.steps=1", "model.hidden_channels=8", "train.batch_size=2",
             "data.name=npz", "data.path=does/not/exist.npz", "train.mixed_precision=bf16"]
     out = run_benchmark("experiments/glow_small.yaml", *tiny, "--steps", "1", "--warmup", "0", "--sample-n", "1")
     assert out["data"] == "random" and "(3, 32, 32)" in out["data_source"]

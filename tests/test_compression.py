@@ -57,7 +57,7 @@ def test_real_cifar10_images_round_trip_after_some_training():
     with np.load(SUBSET) as f:
         train, test = f["x_train"][:16], f["x_test"][:12]
     train, test = (np.ascontiguousarray(a.transpose(0, 3, 1, 2)) if a.shape[-1] == 3 else a for a in (train, test))
-    cfg = {"name": "idf", **idf.DEFAULTS, "levels": 2, "flows_per_level": 1, "hidden_channels": 8, "densenet_depth": 1}
+    cfg = {"name": "idf", **idf.DEFAULTS, "levels": 2, "steps": 1, "hidden_channels": 8, "hidden_blocks": 1}
     model = build_model(cfg, (3, 32, 32), 8)
     untrained_bpd = -model.log_prob(torch.from_numpy(test)).mean().item() / (test[0].size * np.log(2))
     opt = torch.optim.Adamax(model.parameters(), lr=5e-2)
@@ -112,8 +112,8 @@ def test_corrupt_truncated_or_mismatched_files_are_clear_errors(codec):
 
 def test_constant_image_with_an_untrained_model_round_trips():
     """Zero-initialised couplings leave a constant image constant: one-value alphabets."""
-    model = build_model({"name": "idf", **idf.DEFAULTS, "levels": 2, "flows_per_level": 1, "hidden_channels": 4,
-                         "densenet_depth": 1}, (3, 8, 8), 8)
+    model = build_model({"name": "idf", **idf.DEFAULTS, "levels": 2, "steps": 1, "hidden_channels": 4,
+                         "hidden_blocks": 1}, (3, 8, 8), 8)
     codec = FlowCodec(model, 8)
     x = np.zeros((1, 3, 8, 8), dtype=np.uint8)
     assert np.array_equal(codec.decode(codec.encode(x).blob), x)
@@ -141,7 +141,7 @@ def test_compress_and_decompress_commands(tmp_path):
     run = tmp_path / "run"
     cfg = load_config(os.path.join(ROOT, "experiments", "idf_small.yaml"), [
         f"data.path={SUBSET}", "train.steps=2", "train.eval_every=0", "train.sample_every=0", "train.checkpoint_every=2",
-        "data.max_train=32", "data.max_test=8", "model.flows_per_level=1", "model.hidden_channels=8", "model.densenet_depth=1"])
+        "data.max_train=32", "data.max_test=8", "model.steps=1", "model.hidden_channels=8", "model.hidden_blocks=1"])
     run_training(cfg, str(run))  # in-process (as train.py does): one subprocess less
     out = tmp_path / "test.flic"
     res = run_command([sys.executable, "compress.py", str(run), "--split", "test", "--out", str(out), "--chunk", "4"])

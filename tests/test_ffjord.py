@@ -33,7 +33,7 @@ def cnf_2d(layer_type="concat", end_time=0.8, **kw):
 
 
 def tiny_ffjord(shape=(3, 8, 8), **overrides):
-    cfg = {"name": "ffjord", **ffjord.DEFAULTS, "scales": 2, "blocks": 1, "hidden_dims": [4],
+    cfg = {"name": "ffjord", **ffjord.DEFAULTS, "levels": 2, "steps": 1, "hidden_channels": [4],
            "solver": "dopri5", "atol": 1e-3, "rtol": 1e-3, **overrides}
     return build_model(cfg, shape, 8).to(torch.get_default_dtype())
 
@@ -267,7 +267,7 @@ def test_paper_parameter_counts():
     weights, plus one learnable end time per block in FFJORD (RNODE fixes T)."""
     for config, params in (("ffjord_cifar10.yaml", 1_358_882), ("rnode_cifar10.yaml", 1_358_868)):
         cfg = load_config(f"{ROOT}/experiments/{config}", [])
-        model = build_model(cfg["model"], (3, 32, 32), 8)
+        model = build_model(cfg["model"], (3, 32, 32), 8, cfg["dequantizer"])
         assert len(cnfs_of(model)) == 14
         assert sum(p.numel() for p in model.parameters() if p.requires_grad) == params == cfg["paper"]["params"]
     assert cfg["model"]["kinetic_energy"] == cfg["model"]["jacobian_norm2"] == 0.01
@@ -279,7 +279,7 @@ def test_a_few_training_steps_lower_bpd_on_the_subset(tmp_path):
     """A tiny RNODE-regularised CNF (fixed-step rk4) trained 15 steps through train.py."""
     out = tmp_path / "run"
     args = [sys.executable, "train.py", "experiments/ffjord_small.yaml", "--out", str(out), f"data.path={SUBSET}",
-            "model.scales=1", "model.blocks=1", "model.hidden_dims=[8]", "model.solver=rk4", "model.step_size=0.5",
+            "model.levels=1", "model.steps=1", "model.hidden_channels=[8]", "model.solver=rk4", "model.step_size=0.5",
             "model.test_solver=rk4", "model.test_step_size=0.5", "model.kinetic_energy=0.01",
             "model.jacobian_norm2=0.01", "train.steps=15", "train.batch_size=8", "train.lr=0.01",
             "train.warmup_steps=0", "train.log_every=5", "train.eval_every=15", "train.checkpoint_every=0",

@@ -32,14 +32,15 @@ from tests.helpers import (SUBSET, assert_all_parameters_get_gradient, assert_in
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY = {"steps": [1, 1, 1], "filters": 8, "blocks": 1, "heads": 2, "components": 3, "dropout": 0.0,
-        "dequant_steps": 1, "dequant_filters": 8, "dequant_blocks": 1, "context_channels": 4, "context_blocks": 1}
+TINY = {"steps": [1, 1, 1], "hidden_channels": 8, "hidden_blocks": 1, "heads": 2, "components": 3, "dropout": 0.0}
+TINY_DEQ = {"kind": "variational", "steps": 1, "hidden_channels": 8, "hidden_blocks": 1, "heads": 2, "components": 3,
+            "dropout": 0.0, "context_channels": 4, "context_blocks": 1}
 
 
-def tiny_flowpp(**overrides) -> Flow:
+def tiny_flowpp(dequantizer: dict | None = None, **overrides) -> Flow:
     """Flow++ on 3x4x4 images with every piece of the paper model at toy width; ActNorm initialised."""
     cfg = {"name": "flowpp", **flowpp.DEFAULTS, **TINY, **overrides}
-    model = build_model(cfg, (3, 4, 4), 8).to(torch.get_default_dtype())
+    model = build_model(cfg, (3, 4, 4), 8, {**TINY_DEQ, **(dequantizer or {})}).to(torch.get_default_dtype())
     model.data_init(random_images(16))
     return model
 
@@ -62,7 +63,7 @@ PAPER_COUNTS = {
 def test_paper_config_parameter_counts(config):
     cfg = load_config(os.path.join(ROOT, "experiments", config))
     with torch.device("meta"):
-        model = build_model(cfg["model"], (3, 32, 32), 8)
+        model = build_model(cfg["model"], (3, 32, 32), 8, cfg["dequantizer"])
     n = sum(p.numel() for p in model.parameters())
     assert n == PAPER_COUNTS[config] == cfg["paper"]["params"]
 
@@ -71,7 +72,7 @@ def test_main_flow_and_dequantizer_counts_add_up():
     """The hand count of the official structure (per coupling: pos_emb + proj_in + blocks + proj_out)."""
     cfg = load_config(os.path.join(ROOT, "experiments", "flowpp_cifar10.yaml"))
     with torch.device("meta"):
-        model = build_model(cfg["model"], (3, 32, 32), 8)
+        model = build_model(cfg["model"], (3, 32, 32), 8, cfg["dequantizer"])
     deq = sum(p.numel() for p in model.transforms[0].parameters())
     block = 9 * 192 * 96 + 96 + 192 * 192 + 192 + 96 * 288 + 288 + 96 * 192 + 192 + 4 * 96  # gated conv, attn, 2 LN
 
@@ -280,10 +281,12 @@ def test_log_prob_iw_of_a_deterministic_model_is_log_prob(float64):
 
 # ---- the whole model ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("overrides", [{}, {"dropout": 0.2}, {"components": 0}, {"attention": False},
-                                       {"dequantization": "uniform"}])
-def test_every_parameter_gets_a_gradient(overrides):
-    model = tiny_flowpp(**overrides).train()
+@pytest.mark.parametrize("overrides,dequantizer", [({}, {}), ({"dropout": 0.2}, {"dropout": 0.2}),
+                                                   ({"components": 0}, {"components": 0}),
+                                                   ({"attention": False}, {"attention": False}),
+                                                   ({}, {"kind": "uniform"})])
+def test_every_parameter_gets_a_gradient(overrides, dequantizer):
+    model = tiny_flowpp(dequantizer, **overrides).train()
     assert_all_parameters_get_gradient(model, -model.log_prob(random_images(8)).mean())
 
 
@@ -304,10 +307,11 @@ def test_sample_and_encode_round_trip(float64):
 
 
 def test_glow_with_variational_dequantization_from_its_config():
-    """Any model selects the dequantizer with model.dequantization (here Glow, paper-size dequantizer)."""
-    from models.architectures import glow
-    cfg = {"name": "glow", **glow.DEFAULTS, "levels": 2, "depth": 1, "hidden_channels": 8, "dequantization": "variational"}
-    model = build_model(cfg, (3, 4, 4), 8)
+    """Any continuous family selects its dequantizer with dequantizer.kind (here Glow, paper-size dequantizer)."""
+    cfg = load_config(os.path.join(ROOT, "experiments", "glow_small.yaml"),
+                      ["model.levels=2", "model.steps=1", "model.hidden_channels=8", "dequantizer.kind=variational"])
+    assert cfg["dequantizer"]["steps"] == 4 and cfg["dequantizer"]["hidden_channels"] == 96  # the paper's q
+    model = build_model(cfg["model"], (3, 4, 4), 8, cfg["dequantizer"])
     assert isinstance(model.transforms[0], VariationalDequantization) and model.is_stochastic
     x = random_images(4)
     model.data_init(x)
@@ -325,9 +329,9 @@ def test_image_size_must_divide_by_four():
 # ---- CLIs on the CIFAR-10 subset ----------------------------------------------------------------------
 
 CLI_TINY = [
-    "model.steps=[1,1,1]", "model.filters=8", "model.blocks=1", "model.heads=2", "model.components=4",
-    "model.dequant_steps=1", "model.dequant_filters=8", "model.dequant_blocks=1", "model.context_channels=8",
-    "model.context_blocks=1", f"data.path={SUBSET}", "data.max_train=512", "data.max_test=32",
+    "model.steps=[1,1,1]", "model.hidden_channels=8", "model.hidden_blocks=1", "model.heads=2", "model.components=4",
+    "dequantizer.steps=1", "dequantizer.hidden_channels=8", "dequantizer.hidden_blocks=1", "dequantizer.heads=2",
+    "dequantizer.components=4", "dequantizer.context_channels=8", "dequantizer.context_blocks=1", f"data.path={SUBSET}", "data.max_train=512", "data.max_test=32",
     "train.batch_size=16", "train.init_batch_size=64", "train.lr=2e-3", "train.warmup_steps=0", "train.log_every=1",
     "train.sample_every=0", "train.checkpoint_every=0", "eval.batch_size=32", "sample.n=4",
     "sample.temperatures=[0.7]",

@@ -36,7 +36,7 @@ def tiny_glow(perturb: bool = True, data_init: bool = True, **overrides):
     ``data_init``: run ActNorm's data-dependent init on a batch of random images.
     Parameters take the current default dtype (use the ``float64`` fixture).
     """
-    cfg = {"name": "glow", **glow.DEFAULTS, "levels": 2, "depth": 2, "hidden_channels": 8, **overrides}
+    cfg = {"name": "glow", **glow.DEFAULTS, "levels": 2, "steps": 2, "hidden_channels": 8, **overrides}
     model = build_model(cfg, DATA_SHAPE, 8).to(torch.get_default_dtype())
     if perturb:
         perturb_parameters(model, std=0.05, types=(ZeroConv2d,))
@@ -174,17 +174,17 @@ def test_temperature_zero_is_deterministic(float64):
 
 # ---- parameter counts of the paper configs -------------------------------------------------------------
 
-def _num_params(model_cfg):
-    """Parameter count of a CIFAR-10 (3x32x32, 8-bit) build; built on the meta device
-    (shapes only, no memory or random init) to keep the test fast."""
+def _num_params(cfg):
+    """Parameter count of a CIFAR-10 (3x32x32, 8-bit) build of a resolved config; built on the
+    meta device (shapes only, no memory or random init) to keep the test fast."""
     with torch.device("meta"):
-        model = build_model(model_cfg, (3, 32, 32), 8)
+        model = build_model(cfg["model"], (3, 32, 32), 8, cfg["dequantizer"])
     return sum(p.numel() for p in model.parameters())
 
 
 def test_paper_config_parameter_count():
     cfg = load_config(os.path.join(ROOT, "experiments", "glow_cifar10.yaml"))
-    n = _num_params(cfg["model"])
+    n = _num_params(cfg)
     assert n == 44_603_604
     assert abs(n - 44.6e6) <= 0.05e6
     assert abs(n - cfg["paper"]["params"]) <= 0.002 * cfg["paper"]["params"]
@@ -200,7 +200,7 @@ def test_additive_coupling_parameter_count():
     44,603,604 - 6,207,936 = 38,395,668 (38.4M).  We assert our derivation, not 37.9M.
     """
     cfg = load_config(os.path.join(ROOT, "experiments", "glow_cifar10.yaml"), ["model.coupling=additive"])
-    n = _num_params(cfg["model"])
+    n = _num_params(cfg)
     removed = 32 * sum((c // 2) * (9 * 513 + 2) for c in (12, 24, 48))
     assert removed == 6_207_936
     assert n == 44_603_604 - removed == 38_395_668
@@ -236,7 +236,7 @@ OPTIONS = list(itertools.product(glow.CHOICES["permutation"], glow.CHOICES["coup
 
 @pytest.mark.parametrize("permutation,coupling,learn_top", OPTIONS)
 def test_glow_options(permutation, coupling, learn_top, float64):
-    model = tiny_glow(permutation=permutation, coupling=coupling, learn_top=learn_top, depth=1)
+    model = tiny_glow(permutation=permutation, coupling=coupling, learn_top=learn_top, steps=1)
     assert isinstance(model.base, LearnedGaussian if learn_top else StandardNormal)
     assert sum(isinstance(t, Split) for t in model.transforms) == 1
     x = random_images(4)

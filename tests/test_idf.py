@@ -40,8 +40,8 @@ def images(n: int, shape=DATA_SHAPE) -> torch.Tensor:
 def tiny_idf(std: float = 0.5, **overrides):
     """A 2-level IDF on 3x8x8 images whose zero-initialised last convs and top prior are
     perturbed, so couplings translate by many bins and priors are not at their initial values."""
-    cfg = {"name": "idf", **idf.DEFAULTS, "levels": 2, "flows_per_level": 2, "hidden_channels": 8,
-           "densenet_depth": 2, **overrides}
+    cfg = {"name": "idf", **idf.DEFAULTS, "levels": 2, "steps": 2, "hidden_channels": 8,
+           "hidden_blocks": 2, **overrides}
     model = build_model(cfg, DATA_SHAPE, 8)
     with torch.no_grad():
         for net in [m for m in model.modules() if isinstance(m, DenseNet)]:

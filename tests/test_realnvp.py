@@ -32,7 +32,7 @@ DATA_SHAPE = (3, 4, 4)
 
 
 def tiny_realnvp(**overrides):
-    cfg = {"name": "realnvp", **realnvp.DEFAULTS, "scales": 2, "num_blocks": 1, "features": 8,
+    cfg = {"name": "realnvp", **realnvp.DEFAULTS, "levels": 2, "hidden_blocks": 1, "hidden_channels": 8,
            "weight_norm": False, **overrides}
     model = build_model(cfg, DATA_SHAPE, 8).to(torch.get_default_dtype())
     # move the zero-initialised conditioner outputs off zero and give the batch norms
@@ -95,7 +95,7 @@ def test_encode_decode_and_sample(float64):
 
 
 def test_structure_follows_the_paper():
-    cfg = {"name": "realnvp", **realnvp.DEFAULTS, "num_blocks": 1, "features": 4}
+    cfg = {"name": "realnvp", **realnvp.DEFAULTS, "hidden_blocks": 1, "hidden_channels": 4}
     model = build_model(cfg, (3, 32, 32), 8)
     kinds = [type(t).__name__ for t in model.transforms if not isinstance(t, BatchNormBijection)]
     assert kinds == (["UniformDequantization", "Logit"] + ["MaskedAffineCoupling"] * 3 + ["Squeeze"]
@@ -113,7 +113,7 @@ def test_every_parameter_gets_a_gradient_in_train_mode():
 
 def test_paper_config_parameter_count():
     cfg = load_config(os.path.join(ROOT, "experiments", "realnvp_cifar10.yaml"))
-    model = build_model(cfg["model"], (3, 32, 32), 8)
+    model = build_model(cfg["model"], (3, 32, 32), 8, cfg["dequantizer"])
     assert count_parameters(model) == 6_061_337  # ours (the paper gives no count); guards against drift
     assert cfg["paper"]["bpd"] == 3.49 and cfg["train"]["batch_size"] == 64 and cfg["data"]["hflip"] is True
     assert cfg["train"]["weight_decay"] == 5e-5
@@ -123,7 +123,7 @@ def test_paper_config_parameter_count():
 def test_small_config_trains_through_train_py(tmp_path):
     out = tmp_path / "rn"
     args = [sys.executable, "train.py", "experiments/realnvp_small.yaml", "--out", str(out),
-            "model.features=4", "model.bn_momentum=0.2", "data.max_train=256", "data.max_test=64", "train.batch_size=8",
+            "model.hidden_channels=4", "model.bn_momentum=0.2", "data.max_train=256", "data.max_test=64", "train.batch_size=8",
             "train.steps=20", "train.eval_every=20", "train.sample_every=0", "train.checkpoint_every=0",
             "train.warmup_steps=0", "train.lr=3e-3", "train.log_every=10", "eval.batch_size=64", "sample.n=2"]
     run_command(args, env={"OMP_NUM_THREADS": "1"})

@@ -26,8 +26,8 @@ SHAPE = (3, 4, 4)
 
 
 def tiny_resflow(**overrides):
-    cfg = {"name": "resflow", **resflow.DEFAULTS, "blocks": [1, 1], "hidden_channels": 8, "fc_blocks": 1,
-           "fc_hidden": 8, **overrides}
+    cfg = {"name": "resflow", **resflow.DEFAULTS, "steps": [1, 1], "hidden_channels": 8, "fc_steps": 1,
+           "fc_hidden_channels": 8, **overrides}
     return build_model(cfg, SHAPE, 8).to(torch.get_default_dtype())
 
 
@@ -332,10 +332,10 @@ def test_elementwise_actnorm(float64):
 def test_official_parameter_count():
     cfg = load_config(os.path.join(ROOT, "experiments", "resflow_cifar10.yaml"))
     with torch.device("meta"):
-        model = build_model(cfg["model"], (3, 32, 32), 8)
+        model = build_model(cfg["model"], (3, 32, 32), 8, cfg["dequantizer"])
     n = sum(p.numel() for p in model.parameters())
     # the official code also counts 2 roulette settings (lamb, geom_p) per block as parameters: 52 blocks
-    n_blocks = sum(cfg["model"]["blocks"]) + cfg["model"]["fc_blocks"]
+    n_blocks = sum(cfg["model"]["steps"]) + cfg["model"]["fc_steps"]
     assert n_blocks == 52
     assert n + 2 * n_blocks == cfg["paper"]["params"] == 25_174_233
 
@@ -354,7 +354,7 @@ def test_configs_resolve():
 def test_training_lowers_test_bpd(tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "train.py", "experiments/resflow_small.yaml", "--out", str(out),
-            "model.blocks=[1,1]", "model.hidden_channels=16", "model.fc_blocks=1", "model.fc_hidden=16",
+            "model.steps=[1,1]", "model.hidden_channels=16", "model.fc_steps=1", "model.fc_hidden_channels=16",
             f"data.path={SUBSET}", "data.max_train=512", "data.max_test=32", "train.batch_size=16",
             "train.steps=20", "train.eval_every=20", "train.log_every=5", "train.lr=3e-3", "train.warmup_steps=0",
             "train.checkpoint_every=0", "train.sample_every=0", "eval.batch_size=32", "eval.max_examples=32",
@@ -412,7 +412,7 @@ def test_closed_form_1_and_inf_induced_norms_bound_the_operator(kind, p, q, floa
 
 @pytest.mark.parametrize("norms", ["1", "i", "2i12"])
 def test_resflow_builds_and_trains_with_1_and_inf_norms(norms):
-    cfg = {**resflow.DEFAULTS, "blocks": [1], "hidden_channels": 8, "fc_blocks": 0, "lipschitz_norm": norms}
+    cfg = {**resflow.DEFAULTS, "steps": [1], "hidden_channels": 8, "fc_steps": 0, "lipschitz_norm": norms}
     model = build_model({"name": "resflow", **cfg}, (3, 8, 8), 8)
     x = torch.randint(0, 256, (4, 3, 8, 8))
     model.data_init(x)
@@ -425,8 +425,8 @@ def test_resflow_builds_and_trains_with_1_and_inf_norms(norms):
 @needs_subset
 def test_resume_continues_the_same_run(tmp_path):
     """Resuming restores weights, optimizer and the power-iteration vectors: the next losses match."""
-    common = [sys.executable, "train.py", "experiments/resflow_small.yaml", "model.blocks=[1,1]",
-              "model.hidden_channels=8", "model.fc_blocks=1", "model.fc_hidden=8", f"data.path={SUBSET}",
+    common = [sys.executable, "train.py", "experiments/resflow_small.yaml", "model.steps=[1,1]",
+              "model.hidden_channels=8", "model.fc_steps=1", "model.fc_hidden_channels=8", f"data.path={SUBSET}",
               "data.max_train=256", "data.max_test=16", "train.batch_size=8", "train.log_every=1", "train.warmup_steps=0",
               "train.eval_every=0", "train.sample_every=0", "train.init_batch_size=16"]
 

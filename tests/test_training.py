@@ -14,7 +14,7 @@ from tests.helpers import run_command as run
 pytestmark = needs_subset
 
 TINY = [
-    "model.levels=2", "model.depth=2", "model.hidden_channels=16",
+    "model.levels=2", "model.steps=2", "model.hidden_channels=16",
     "data.name=npz", f"data.path={SUBSET}", "data.max_train=512", "data.max_test=128", "data.hflip=true",
     "train.batch_size=16", "train.init_batch_size=64", "train.log_every=1", "train.lr=2e-3",
     "train.eval_every=0", "train.sample_every=0", "train.checkpoint_every=0",

@@ -1,6 +1,11 @@
-"""Registry of model families: each module defines ``DEFAULTS``, ``CHOICES`` and
-``build(cfg, data_shape, num_bits) -> Flow``.  A new family is a new module here plus
-one line in ``ARCHITECTURES``; the trainer, CLIs and config checks pick it up."""
+"""Registry of model families.  Each module defines ``DEFAULTS`` and ``CHOICES`` (its
+``model`` section), ``DEQUANTIZERS`` (the ``dequantizer.kind`` values it supports, the
+first its default; ``("none",)`` for a discrete family), optionally
+``DEQUANTIZER_DEFAULTS`` (its own defaults for the dequantizer's knobs), and
+``build(cfg, data_shape, num_bits, dequantizer) -> Flow``.  A family builds from
+``models.builders``, ``models.core``, ``models.nets`` and ``models.transforms`` only, never
+from another family.  A new family is a new module here plus one line in
+``ARCHITECTURES``; the trainer, CLIs and config checks pick it up."""
 from __future__ import annotations
 
 import importlib
@@ -21,8 +26,27 @@ def architecture(name: str):
     return importlib.import_module(ARCHITECTURES[name])
 
 
-def build_model(model_cfg: dict, data_shape, num_bits: int):
-    """Build the Flow described by a resolved ``model`` config section."""
+def dequantizer_section(name: str) -> tuple[dict, dict]:
+    """Defaults and choices of the ``dequantizer`` config section for family ``name``."""
+    from models.builders.dequantizer import section  # late, like the families: the registry stays light
+
+    module = architecture(name)
+    return section(module.DEQUANTIZERS, getattr(module, "DEQUANTIZER_DEFAULTS", None))
+
+
+def build_model(model_cfg: dict, data_shape, num_bits: int, dequantizer: dict | None = None):
+    """Build the Flow described by a resolved ``model`` config section and the resolved
+    ``dequantizer`` section (None or missing keys: the family's defaults)."""
     cfg = dict(model_cfg)
-    module = architecture(cfg.pop("name"))
-    return module.build(cfg, tuple(data_shape), num_bits)
+    name = cfg.pop("name")
+    module = architecture(name)
+    defaults, _ = dequantizer_section(name)
+    given = dict(dequantizer or {})
+    unknown = set(given) - set(defaults)
+    if unknown:
+        raise ValueError(f"unknown dequantizer key(s) {sorted(unknown)} for model {name!r}; known: {', '.join(defaults)}")
+    deq = {**defaults, **given}
+    if deq["kind"] not in module.DEQUANTIZERS:
+        raise ValueError(f"model {name!r} supports dequantizer.kind {' | '.join(module.DEQUANTIZERS)}, "
+                         f"not {deq['kind']!r}")
+    return module.build(cfg, tuple(data_shape), num_bits, deq)

@@ -1,13 +1,15 @@
-"""FFJORD (Grathwohl et al. 2019) and RNODE (Finlay et al. 2020) multiscale CNFs as Flows.
+"""FFJORD (Grathwohl et al. 2019, arXiv:1810.01367) and RNODE (Finlay et al. 2020,
+arXiv:2002.02798) multiscale CNFs as Flows.
 
-    x (integers) -> uniform dequantization -> logit(alpha + (1 - 2 alpha) x)
-    for scale s = 1..S (official ODENVP, rtqichen/ffjord lib/odenvp.py):
-        blocks x CNF                    (C channels)
-        if s < S: squeeze -> blocks x CNF (4C channels) -> factor out half the channels to N(0, I)
+    x (integers) -> dequantizer (``dequantizer.kind``: uniform, the paper's; variational; argmax)
+    -> logit(alpha + (1 - 2 alpha) y)       (y in [0, 1); no logit after argmax)
+    for scale s = 1..S (S = ``levels``; the official ODENVP, rtqichen/ffjord lib/odenvp.py):
+        steps x CNF                     (C channels)
+        if s < S: squeeze -> steps x CNF (4C channels) -> factor out half the channels to N(0, I)
     base: N(0, I)
 
 Each CNF integrates dz/dt = f(z, t) with f an ODENet of 3x3 time-conditioned convolutions
-(``hidden_dims``, softplus); see ``models.transforms.continuous.cnf``.  The official CIFAR-10
+(``hidden_channels``: one width per hidden layer, softplus); see ``models.transforms.continuous.cnf``.  The official CIFAR-10
 model (4 scales, 2 blocks, 64-64-64 "concat" layers, learnable T per block) has
 1,358,868 network weights + 14 end times = 1,358,882 parameters; RNODE (fixed T) 1,358,868.
 
@@ -21,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.builders.dequantizer import build_dequantizer
+from models.builders.stack import LayerStack
 from models.core.distributions import StandardNormal
 from models.core.flow import Flow
 from models.nets.ode_nets import LAYER_TYPES, NONLINEARITIES, ODENet
@@ -29,12 +33,11 @@ from models.transforms.bijections.squeeze import Squeeze
 from models.transforms.continuous.cnf import CNF, SOLVERS, SolverSettings
 from models.transforms.continuous.trace import NOISE_TYPES, TRACE_TYPES
 from models.transforms.surjections.split import Split
-from models.transforms.surjections.uniform_dequantization import UniformDequantization
 
 DEFAULTS = {
-    "scales": 4,                   # ODENVP scales (squeeze + factor-out between them)
-    "blocks": 2,                   # CNF blocks before and after each squeeze
-    "hidden_dims": [64, 64, 64],   # hidden channels of each ODENet
+    "levels": 4,                   # ODENVP scales (squeeze + factor-out between them)
+    "steps": 2,                    # CNF blocks before and after each squeeze
+    "hidden_channels": [64, 64, 64],  # hidden channels of each ODENet layer
     "layer_type": "concat",        # concat | concatsquash
     "nonlinearity": "softplus",
     "zero_last": False,            # zero-init the last layer's weights (RNODE code: True)
@@ -55,7 +58,6 @@ DEFAULTS = {
     "test_step_size": 0.25,
     "kinetic_energy": 0.0,         # RNODE coefficient of int 0.5 mean f^2 dt
     "jacobian_norm2": 0.0,         # RNODE coefficient of int ||df/dz||_F^2 / D dt
-    "dequantization": "uniform",
 }
 
 CHOICES = {
@@ -66,8 +68,9 @@ CHOICES = {
     "noise": NOISE_TYPES,
     "solver": SOLVERS,
     "test_solver": SOLVERS,
-    "dequantization": ("uniform",),
 }
+
+DEQUANTIZERS = ("uniform", "variational", "argmax")
 
 
 class StandardNormalPrior(nn.Module):
@@ -83,7 +86,7 @@ class StandardNormalPrior(nn.Module):
 
 
 def _cnf(cfg: dict, channels: int) -> CNF:
-    net = ODENet(channels, cfg["hidden_dims"], conv=True, layer_type=cfg["layer_type"],
+    net = ODENet(channels, cfg["hidden_channels"], conv=True, layer_type=cfg["layer_type"],
                  nonlinearity=cfg["nonlinearity"], zero_last=cfg["zero_last"])
     return CNF(net, end_time=cfg["end_time"], train_end_time=cfg["train_end_time"],
                train_solver=SolverSettings(cfg["solver"], cfg["atol"], cfg["rtol"], cfg["step_size"]),
@@ -92,26 +95,28 @@ def _cnf(cfg: dict, channels: int) -> CNF:
                kinetic_energy=cfg["kinetic_energy"], jacobian_norm2=cfg["jacobian_norm2"])
 
 
-def build(cfg: dict, data_shape: tuple[int, int, int], num_bits: int) -> Flow:
-    scales, blocks = cfg["scales"], cfg["blocks"]
-    if scales < 1 or blocks < 1:
-        raise ValueError(f"model.scales and model.blocks must be >= 1, got {scales} and {blocks}")
-    if not cfg["hidden_dims"] or any(not isinstance(d, int) or d < 1 for d in cfg["hidden_dims"]):
-        raise ValueError(f"model.hidden_dims must be a non-empty list of positive widths, got {cfg['hidden_dims']}")
+def build(cfg: dict, data_shape: tuple[int, int, int], num_bits: int, dequantizer: dict) -> Flow:
+    levels, steps = cfg["levels"], cfg["steps"]
+    if levels < 1 or steps < 1:
+        raise ValueError(f"model.levels and model.steps must be >= 1, got {levels} and {steps}")
+    widths = cfg["hidden_channels"]
+    if not widths or any(not isinstance(d, int) or d < 1 for d in widths):
+        raise ValueError(f"model.hidden_channels must be a non-empty list of positive widths, got {widths}")
     if cfg["end_time"] <= 0:
         raise ValueError("model.end_time must be positive")
-    c, h, w = data_shape
-    if h % 2 ** (scales - 1) or w % 2 ** (scales - 1):
-        raise ValueError(f"image size {h}x{w} is not divisible by 2^{scales - 1} (one squeeze between scales)")
-    transforms = [UniformDequantization(num_bits), Logit(cfg["logit_alpha"])]
-    shape = tuple(data_shape)
-    for scale in range(scales):
-        transforms += [_cnf(cfg, shape[0]) for _ in range(blocks)]
-        if scale < scales - 1:
-            transforms.append(Squeeze())
-            shape = transforms[-1].output_shape(shape)
-            transforms += [_cnf(cfg, shape[0]) for _ in range(blocks)]
-            keep = shape[0] // 2
-            transforms.append(Split(StandardNormalPrior(shape[0] - keep), keep))
-            shape = transforms[-1].output_shape(shape)
+    _, h, w = data_shape
+    if h % 2 ** (levels - 1) or w % 2 ** (levels - 1):
+        raise ValueError(f"image size {h}x{w} is not divisible by 2^{levels - 1} (one squeeze between levels)")
+    stack = LayerStack(data_shape).add(build_dequantizer(dequantizer, data_shape, num_bits))
+    if dequantizer["kind"] != "argmax":  # argmax gives unbounded reals already
+        stack.add(Logit(cfg["logit_alpha"]))
+    for level in range(levels):
+        stack.add(*[_cnf(cfg, stack.shape[0]) for _ in range(steps)])
+        if level < levels - 1:
+            stack.add(Squeeze())
+            stack.add(*[_cnf(cfg, stack.shape[0]) for _ in range(steps)])
+            c = stack.shape[0]
+            keep = c // 2
+            stack.add(Split(StandardNormalPrior(c - keep), keep))
+    transforms, shape = stack.transforms, stack.shape
     return Flow(transforms, StandardNormal(shape), data_shape)

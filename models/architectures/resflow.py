@@ -1,16 +1,18 @@
-"""Residual Flows (Chen et al. 2019) and i-ResNet (Behrmann et al. 2019) as Flows.
+"""Residual Flows (Chen et al. 2019, arXiv:1906.02735) and i-ResNet (Behrmann et al. 2019,
+arXiv:1811.00995) as Flows.
 
-    x (integers) -> uniform dequantization -> logit(alpha + (1 - 2 alpha) x), alpha = 0.05
+    x (integers) -> dequantizer (``dequantizer.kind``: uniform, the paper's; variational; argmax)
+    -> logit(alpha + (1 - 2 alpha) y), alpha = 0.05     (y in [0, 1); no logit after argmax)
     [ActNorm]                                           (first_resblock: before the first block)
-    for scale s = 1..S:
-        blocks[s] x [iResBlock(conv net 3-1-3, hidden channels) -> ActNorm]
+    for scale s = 1..S (S = len(steps)):
+        steps[s] x [iResBlock(conv net 3-1-3, hidden_channels) -> ActNorm]
         squeeze (not after the last scale)
-    fc_end: fc_blocks x [iResBlock(fully connected net, fc_hidden) -> element-wise ActNorm]
+    fc_end: fc_steps x [iResBlock(fully connected net, fc_hidden_channels) -> element-wise ActNorm]
     base: N(0, I)                                       (no factor-out: CIFAR-10 official)
 
-With blocks [16, 16, 16], 512 hidden channels, LipSwish, coeff 0.98 and 4 FC blocks of
+With steps [16, 16, 16], 512 hidden channels, LipSwish, coeff 0.98 and 4 FC blocks of
 128 this is the official CIFAR-10 model (rtqichen/residual-flows ``train_img.py``
-defaults, ../shared/papers.md §5): 25,174,129 parameters here, 25,174,233 in the
+defaults): 25,174,129 parameters here, 25,174,233 in the
 official code, which also registers the roulette settings (``lamb`` and ``geom_p``) of
 each of its 52 blocks as ``nn.Parameter``s (2 x 52 = 104 scalars that never receive a
 gradient); here they are config floats.
@@ -26,6 +28,8 @@ from __future__ import annotations
 
 import math
 
+from models.builders.dequantizer import build_dequantizer
+from models.builders.stack import LayerStack
 from models.core.distributions import StandardNormal
 from models.core.flow import Flow
 from models.nets.resflow_nets import ConvResidualNet, FCResidualNet
@@ -33,10 +37,9 @@ from models.transforms.bijections.actnorm import ActNorm
 from models.transforms.bijections.elementwise import Logit
 from models.transforms.bijections.squeeze import Squeeze
 from models.transforms.residual.iresblock import InvertibleResidualBlock
-from models.transforms.surjections.uniform_dequantization import UniformDequantization
 
 DEFAULTS = {
-    "blocks": [16, 16, 16],        # residual blocks per scale (squeeze between scales)
+    "steps": [16, 16, 16],         # residual blocks per scale (squeeze between scales)
     "hidden_channels": 512,        # idim of the conv nets
     "kernels": "3-1-3",            # kernel sizes of the conv net's layers
     "activation": "lipswish",      # lipswish | elu | relu
@@ -44,8 +47,8 @@ DEFAULTS = {
     "first_resblock": True,        # ActNorm before the first block, no pre-activation in it
     "actnorm": True,               # ActNorm after every block
     "fc_end": True,                # fully connected blocks at the end of the last scale
-    "fc_blocks": 4,
-    "fc_hidden": 128,
+    "fc_steps": 4,                 # fully connected residual blocks at the end ...
+    "fc_hidden_channels": 128,     # ... and their hidden width
     "coeff": 0.98,                 # Lipschitz coefficient of every linear/conv layer
     "lipschitz_norm": "2",         # p of the induced norms (1..9, i = inf): one for every layer boundary ("2": spectral
                                    # norms), or one per boundary for mixed norms (the official vnorms, e.g. "2332")
@@ -65,15 +68,15 @@ DEFAULTS = {
     "inverse_atol": 1e-5,          # fixed-point inverse tolerance ...
     "inverse_rtol": 1e-5,
     "inverse_max_iters": 100,      # ... and iteration cap
-    "dequantization": "uniform",
 }
 
 CHOICES = {
     "activation": ("lipswish", "elu", "relu"),
     "estimator": ("roulette", "truncated", "exact"),
     "roulette_dist": ("poisson", "geometric"),
-    "dequantization": ("uniform",),
 }
+
+DEQUANTIZERS = ("uniform", "variational", "argmax")
 
 
 def _block(cfg: dict, net) -> InvertibleResidualBlock:
@@ -84,17 +87,17 @@ def _block(cfg: dict, net) -> InvertibleResidualBlock:
         inverse_atol=cfg["inverse_atol"], inverse_rtol=cfg["inverse_rtol"], inverse_max_iters=cfg["inverse_max_iters"])
 
 
-def build(cfg: dict, data_shape: tuple[int, int, int], num_bits: int) -> Flow:
-    blocks = list(cfg["blocks"])
+def build(cfg: dict, data_shape: tuple[int, int, int], num_bits: int, dequantizer: dict) -> Flow:
+    blocks = list(cfg["steps"])
     if not blocks or any(not isinstance(n, int) or n < 0 for n in blocks):
-        raise ValueError(f"model.blocks must be a non-empty list of block counts, got {blocks}")
+        raise ValueError(f"model.steps must be a non-empty list of block counts per scale, got {blocks}")
     try:
         kernels = tuple(int(k) for k in str(cfg["kernels"]).split("-"))
     except ValueError:
         raise ValueError(f"model.kernels must look like '3-1-3', got {cfg['kernels']!r}") from None
     if len(kernels) < 2 or any(k % 2 == 0 for k in kernels):
         raise ValueError(f"model.kernels needs at least two odd kernel sizes, got {cfg['kernels']!r}")
-    c, h, w = data_shape
+    _, h, w = data_shape
     n_squeeze = len(blocks) - 1
     if h % 2 ** n_squeeze or w % 2 ** n_squeeze:
         raise ValueError(f"image size {h}x{w} is not divisible by 2^{n_squeeze} (one squeeze between scales)")
@@ -105,25 +108,27 @@ def build(cfg: dict, data_shape: tuple[int, int, int], num_bits: int) -> Flow:
                          f"first equal to the last, got {cfg['lipschitz_norm']!r}")
     sn = {"coeff": cfg["coeff"], "atol": cfg["sn_atol"], "rtol": cfg["sn_rtol"], "max_iters": cfg["sn_max_iters"],
           "norms": tuple(math.inf if ch == "i" else float(ch) for ch in vnorms)}
-    transforms = [UniformDequantization(num_bits), Logit(cfg["logit_alpha"])]
-    shape = tuple(data_shape)
+    stack = LayerStack(data_shape).add(build_dequantizer(dequantizer, data_shape, num_bits))
+    if dequantizer["kind"] != "argmax":  # argmax gives unbounded reals already
+        stack.add(Logit(cfg["logit_alpha"]))
     first = cfg["first_resblock"]
     if first and cfg["actnorm"]:
-        transforms.append(ActNorm(shape[0]))
+        stack.add(ActNorm(stack.shape[0]))
     for scale, n_blocks in enumerate(blocks):
         for i in range(n_blocks):
             preact = cfg["preact"] and not (first and scale == 0 and i == 0)
-            net = ConvResidualNet(shape, cfg["hidden_channels"], kernels, cfg["activation"], preact, **sn)
-            transforms.append(_block(cfg, net))
+            net = ConvResidualNet(stack.shape, cfg["hidden_channels"], kernels, cfg["activation"], preact, **sn)
+            stack.add(_block(cfg, net))
             if cfg["actnorm"]:
-                transforms.append(ActNorm(shape[0]))
+                stack.add(ActNorm(stack.shape[0]))
         if scale < len(blocks) - 1:
-            transforms.append(Squeeze())
-            shape = transforms[-1].output_shape(shape)
+            stack.add(Squeeze())
     if cfg["fc_end"]:
-        for _ in range(cfg["fc_blocks"]):
-            net = FCResidualNet(shape, cfg["fc_hidden"], len(kernels), cfg["activation"], cfg["preact"], **sn)
-            transforms.append(_block(cfg, net))
+        for _ in range(cfg["fc_steps"]):
+            net = FCResidualNet(stack.shape, cfg["fc_hidden_channels"], len(kernels), cfg["activation"], cfg["preact"],
+                                **sn)
+            stack.add(_block(cfg, net))
             if cfg["actnorm"]:
-                transforms.append(ActNorm(shape[0], spatial_shape=tuple(shape[1:])))
+                stack.add(ActNorm(stack.shape[0], spatial_shape=tuple(stack.shape[1:])))
+    transforms, shape = stack.transforms, stack.shape
     return Flow(transforms, StandardNormal(shape), data_shape)
