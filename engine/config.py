@@ -5,6 +5,15 @@ A config has the sections below.  ``model`` keys come from the architecture's ow
 Unknown keys, values of the wrong type and values outside a key's choices are
 one-line :class:`FlowlabError`\\ s.  The resolved config (every key, defaults
 filled in) is what a run directory and its checkpoints carry.
+
+YAML files (``load_yaml``):
+
+* ``base: other.yaml`` (a path relative to the file) inherits: the file's sections are
+  merged key by key over the base file's (recursively, chains allowed; a cycle or a
+  missing base file is a one-line error).
+* a relative ``data.path`` in a file is taken relative to that file's directory when a
+  file exists there, else as given (relative to the current directory, as before).  On
+  the command line (``data.path=...``) it is always relative to the current directory.
 """
 from __future__ import annotations
 
@@ -170,7 +179,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_yaml(path: str) -> dict:
+def _read_yaml(path: str):
     if not os.path.isfile(path):
         raise FlowlabError(f"config file not found: {path}")
     try:
@@ -181,11 +190,60 @@ def load_yaml(path: str) -> dict:
     return raw or {}
 
 
+def _data_path_from_file(raw: dict, path: str) -> None:
+    """A relative ``data.path`` in the file ``path``: relative to the file's directory when a
+    file exists there, else left as given (relative to the current directory)."""
+    data = raw.get("data")
+    given = data.get("path") if isinstance(data, dict) else None
+    if isinstance(given, str) and given and not os.path.isabs(given):
+        here = os.path.normpath(os.path.join(os.path.dirname(path), given))
+        if os.path.exists(here):
+            data["path"] = here
+
+
+def merge_sections(base: dict, child: dict) -> dict:
+    """``child`` merged over ``base`` key by key, recursively into mappings (a new dict); a
+    child's empty section (``eval:`` with nothing under it) keeps the base's."""
+    out = copy.deepcopy(base)
+    for key, value in child.items():
+        if isinstance(out.get(key), dict) and (isinstance(value, dict) or value is None):
+            out[key] = merge_sections(out[key], value or {})
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_yaml(path: str, _chain: tuple = ()) -> dict:
+    """The raw config of a YAML file, with its ``base:`` chain merged under it and relative
+    ``data.path``\\ s resolved per file (see the module docstring)."""
+    raw = _read_yaml(path)
+    if not isinstance(raw, dict):
+        return raw  # resolve() says what is wrong with it
+    _data_path_from_file(raw, path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    chain = (*_chain, os.path.realpath(path))
+    if not isinstance(base, str) or not base:
+        raise FlowlabError(f"config file {path}: 'base' must be the path of another config file, got {base!r}")
+    base_path = os.path.join(os.path.dirname(path), base)
+    if not os.path.isfile(base_path):
+        raise FlowlabError(f"config file {path}: its base file {base_path} does not exist")
+    if os.path.realpath(base_path) in chain:
+        raise FlowlabError(f"config file {path}: 'base' chain has a cycle ({' -> '.join([*chain, os.path.realpath(base_path)])})")
+    return merge_sections(load_yaml(base_path, chain), raw)
+
+
 def load_config(path: str, overrides: list[str] = ()) -> dict:
-    """Load a YAML config, apply overrides and resolve it."""
+    """Load a YAML config (with its ``base:`` chain), apply overrides and resolve it."""
     return resolve(apply_overrides(load_yaml(path), list(overrides)))
+
+
+def dump_config(cfg: dict) -> str:
+    """A resolved config as YAML, sections in order (what ``train.py --print-config`` prints)."""
+    return yaml.safe_dump(cfg, sort_keys=False)
 
 
 def save_config(cfg: dict, path: str) -> None:
     with open(path, "w") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
+        f.write(dump_config(cfg))
