@@ -12,6 +12,7 @@ import os
 
 from engine.cli import run_cli
 from engine.config import dump_config, load_config
+from engine.sections import RunConfig
 
 
 def main():
@@ -23,10 +24,11 @@ def main():
                         help="print the resolved config (base files, overrides and defaults applied) as YAML and exit")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 data.name=npz")
     args = parser.parse_intermixed_args()
-    cfg = load_config(args.config, args.overrides)
+    resolved = load_config(args.config, args.overrides)
     if args.print_config:
-        print(dump_config(cfg), end="")
+        print(dump_config(resolved), end="")
         return
+    cfg = RunConfig.from_resolved(resolved)
     out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     from engine.trainer import run_training
     run_training(cfg, out, resume=args.resume)

@@ -1,10 +1,12 @@
 """Configs: YAML files over typed defaults, with dotted ``key=value`` overrides.
 
 A config has the sections below.  ``model`` keys come from the architecture's own
-``DEFAULTS`` (``models.architectures``); every other section from ``DEFAULTS`` here.
-Unknown keys, values of the wrong type and values outside a key's choices are
-one-line :class:`FlowlabError`\\ s.  The resolved config (every key, defaults
-filled in) is what a run directory and its checkpoints carry.
+``DEFAULTS`` (``models.architectures``), ``objective`` keys from the objective's class
+(``engine.objectives``, ``objective.name`` defaults to ``bpd``); every other section from
+``DEFAULTS`` here.  Unknown keys, values of the wrong type and values outside a key's
+choices are one-line :class:`FlowlabError`\\ s.  The resolved config (every key, defaults
+filled in) is what a run directory and its checkpoints carry; ``engine.sections.RunConfig``
+is its typed view.
 
 YAML files (``load_yaml``):
 
@@ -23,6 +25,7 @@ import os
 import yaml
 
 from engine.errors import FlowlabError
+from engine.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
 from models.architectures import ARCHITECTURES, architecture
 
 DEFAULTS = {
@@ -39,7 +42,8 @@ DEFAULTS = {
     },
     "train": {
         "steps": 1000,
-        "batch_size": 64,        # global batch: split over processes
+        "batch_size": 64,        # global batch per optimizer step: split over processes and micro-batches
+        "grad_accum_steps": 1,   # micro-batches per optimizer step (per process: batch_size / (world * this))
         "optimizer": "adam",     # adam | adamw | adamax
         "lr": 1e-3,
         "betas": [0.9, 0.999],
@@ -126,19 +130,30 @@ def _model_defaults(name) -> tuple[dict, dict]:
     return {"name": name, **module.DEFAULTS}, getattr(module, "CHOICES", {})
 
 
+def _objective_defaults(given) -> tuple[dict, dict]:
+    """Keys and choices of the ``objective`` section of the objective ``given`` names."""
+    name = given.get("name", DEFAULT_OBJECTIVE) if isinstance(given, dict) else DEFAULT_OBJECTIVE
+    if name not in OBJECTIVES:
+        raise FlowlabError(f"unknown objective.name {name!r}; known: {', '.join(sorted(OBJECTIVES))}")
+    cls = OBJECTIVES[name]
+    return {"name": name, **copy.deepcopy(cls.DEFAULTS)}, dict(cls.CHOICES)
+
+
 def resolve(raw: dict) -> dict:
     """Fill defaults into a raw config and check every key, type and choice."""
     if not isinstance(raw, dict):
         raise FlowlabError("a config must be a mapping of sections (model, data, train, ...)")
-    unknown = set(raw) - set(DEFAULTS) - {"model"}
+    unknown = set(raw) - set(DEFAULTS) - {"model", "objective"}
     if unknown:
-        raise FlowlabError(f"unknown config section(s) {sorted(unknown)}; known: model, {', '.join(DEFAULTS)}")
+        raise FlowlabError(f"unknown config section(s) {sorted(unknown)}; known: model, {', '.join(DEFAULTS)}, objective")
     model_raw = raw.get("model") or {}
     if "name" not in model_raw:
         raise FlowlabError("config needs model.name (one of: " + ", ".join(sorted(ARCHITECTURES)) + ")")
     model_defaults, model_choices = _model_defaults(model_raw["name"])
-    sections = {"model": model_defaults, **copy.deepcopy(DEFAULTS)}
-    choices = {**CHOICES, **{("model", k): v for k, v in model_choices.items()}}
+    objective_defaults, objective_choices = _objective_defaults(raw.get("objective"))
+    sections = {"model": model_defaults, **copy.deepcopy(DEFAULTS), "objective": objective_defaults}
+    choices = {**CHOICES, **{("model", k): v for k, v in model_choices.items()},
+               **{("objective", k): v for k, v in objective_choices.items()}}
     resolved = {}
     for section, defaults in sections.items():
         given = raw.get(section) or {}
