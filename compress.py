@@ -36,7 +36,7 @@ def main():
     cfg, model, _ = load_run(args.run_dir, use_ema=not args.no_ema)
     images = read_images(args.images) if args.images else getattr(load_data(cfg), args.split).numpy()
     images = images[: args.max] if args.max else images
-    codec = FlowCodec(model, cfg["data"]["n_bits"], args.chunk)
+    codec = FlowCodec(model, cfg.data.n_bits, args.chunk)
     dims = images.size
     t0 = time.perf_counter()
     result = codec.encode(images)

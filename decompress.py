@@ -32,7 +32,7 @@ def main():
     with open(args.file, "rb") as f:
         blob = f.read()
     t0 = time.perf_counter()
-    images = FlowCodec(model, cfg["data"]["n_bits"]).decode(blob)
+    images = FlowCodec(model, cfg.data.n_bits).decode(blob)
     seconds = time.perf_counter() - t0
     write_pngs(images, args.out)
     np.save(os.path.join(args.out, "images.npy"), images)

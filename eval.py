@@ -34,17 +34,17 @@ def evaluate_run(run_dir: str, split: str, batch_size: int | None, device: str, 
         images = images[:max_examples]
     if tuple(images.shape[1:]) != tuple(model.data_shape):
         raise FlowlabError(f"data shape {tuple(images.shape[1:])} does not match the model's {model.data_shape}")
-    batch_size = batch_size or cfg["eval"]["batch_size"]
-    result = evaluate_bpd(model, images, batch_size, seed=cfg["train"]["seed"])
+    batch_size = batch_size or cfg.eval.batch_size
+    result = evaluate_bpd(model, images, batch_size, seed=cfg.train.seed)
     iw = None
     if iw_samples > 1 and model.is_stochastic:
-        r = evaluate_bpd(model, images, batch_size, seed=cfg["train"]["seed"] + 1, iw_samples=iw_samples, iw_chunk=iw_chunk)
+        r = evaluate_bpd(model, images, batch_size, seed=cfg.train.seed + 1, iw_samples=iw_samples, iw_chunk=iw_chunk)
         iw = {"bpd": r["bpd"], "stderr": r["stderr"], "n": r["n"], "nonfinite": r["nonfinite"], "k": iw_samples,
               "bound": f"importance-weighted (K={iw_samples})"}
-    return {"run": run_dir, "model": cfg["model"]["name"], "split": split, **result, "bound": bound_kind(model),
+    return {"run": run_dir, "model": cfg.model["name"], "split": split, **result, "bound": bound_kind(model),
             "stochastic": model.is_stochastic, "iw": iw,
             "step": info["step"], "images_seen": info["images_seen"], "ema": info["ema"],
-            "num_params": sum(p.numel() for p in model.parameters()), "data": data.source, "paper": cfg["paper"]}
+            "num_params": sum(p.numel() for p in model.parameters()), "data": data.source, "paper": cfg.paper.to_dict()}
 
 
 def bound_kind(model) -> str:

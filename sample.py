@@ -28,7 +28,7 @@ def main():
     torch.manual_seed(args.seed)
     rows, bad = [], 0
     for temp in temps:
-        images, n_bad = to_uint8(model.sample(args.n, temperature=temp), cfg["data"]["n_bits"])
+        images, n_bad = to_uint8(model.sample(args.n, temperature=temp), cfg.data.n_bits)
         rows.append(images)
         bad += n_bad
     save_grid(rows, args.out)

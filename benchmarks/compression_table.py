@@ -37,7 +37,7 @@ def compression_rows(run_dir: str, split: str, max_images: int | None, chunk: in
     images = getattr(load_data(cfg), split).numpy()
     images = images[:max_images] if max_images else images
     n, dims = images.shape[0], images.size
-    codec = FlowCodec(model, cfg["data"]["n_bits"], chunk)
+    codec = FlowCodec(model, cfg.data.n_bits, chunk)
     result, enc_s = _timed(codec.encode, images)
     decoded, dec_s = _timed(codec.decode, result.blob)
     if not np.array_equal(decoded, images):

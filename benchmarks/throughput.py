@@ -6,8 +6,8 @@
 e.g.  python benchmarks/throughput.py experiments/glow_small.yaml train.batch_size=16
 
 A timed step is exactly the trainer's step (``engine.trainer.Trainer.train_step``:
-autocast when train.mixed_precision=bf16, loss = mean bits/dim + auxiliary losses,
-backward, grad-norm clipping, optimizer step, EMA and after-step hooks), after the
+autocast when train.mixed_precision=bf16, the objective (mean bits/dim + auxiliary losses)
+and backward over train.grad_accum_steps micro-batches, grad-norm clipping, optimizer step, EMA and after-step hooks), after the
 trainer's own data-dependent init.  sec_per_step is the median over --steps timed steps
 after --warmup untimed ones; train_img_per_s = batch_size / sec_per_step.
 sample_seconds times one model.sample(N, temperature=1.0).
@@ -20,35 +20,34 @@ Memory: CUDA -> torch.cuda.max_memory_allocated; CPU -> peak RSS of the whole pr
 """
 import argparse
 import json
-import os
 import resource
 import statistics
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 
+from common.errors import FlowlabError
 from data import ImageDataset
 from engine.cli import run_cli
 from engine.config import load_config
-from common.errors import FlowlabError
+from engine.sections import RunConfig
 from engine.setup import count_parameters, load_data
 from engine.trainer import Trainer
 
 RANDOM_SHAPES = {"cifar10": (3, 32, 32), "npz": (3, 32, 32), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28)}
 
 
-def get_data(cfg: dict) -> tuple[ImageDataset, str]:
+def get_data(cfg: RunConfig) -> tuple[ImageDataset, str]:
     """The config's data set, or random images of its shape when it cannot be loaded."""
     try:
         return load_data(cfg), "real"
     except FlowlabError as err:
-        shape, n_bits = RANDOM_SHAPES[cfg["data"]["name"]], cfg["data"]["n_bits"]
-        gen = torch.Generator().manual_seed(cfg["train"]["seed"])
-        n = max(cfg["train"]["batch_size"], cfg["train"]["init_batch_size"], 256)
+        shape, n_bits = RANDOM_SHAPES[cfg.data.name], cfg.data.n_bits
+        gen = torch.Generator().manual_seed(cfg.train.seed)
+        n = max(cfg.train.batch_size, cfg.train.init_batch_size, 256)
         x = torch.randint(0, 2 ** n_bits, (n, *shape), generator=gen, dtype=torch.uint8)
         return ImageDataset(x, x[:16], n_bits, "random", f"random uint8 {shape} images ({err})"), "random"
 
@@ -75,8 +74,8 @@ def main():
     args = parser.parse_intermixed_args()
     if args.steps < 1 or args.warmup < 0:
         raise FlowlabError("--steps must be >= 1 and --warmup >= 0")
-    cfg = load_config(args.config, args.overrides)
-    bs = cfg["train"]["batch_size"]
+    cfg = RunConfig.from_resolved(load_config(args.config, args.overrides))
+    bs = cfg.train.batch_size
     sample_n = args.sample_n or bs
     data, data_kind = get_data(cfg)
     if data.train.shape[0] < bs:
@@ -94,7 +93,7 @@ def main():
                 times.append(time.perf_counter() - start)
         diagnostics = trainer.model.diagnostics() if hasattr(trainer.model, "diagnostics") else {}
         model = trainer.model.eval()
-        torch.manual_seed(cfg["train"]["seed"])
+        torch.manual_seed(cfg.train.seed)
         sync(device)
         start = time.perf_counter()
         model.sample(sample_n, temperature=1.0)
@@ -103,9 +102,9 @@ def main():
     peak_mb, memory_kind = peak_memory(device)
     sec_per_step = statistics.median(times)
     print(json.dumps({
-        "config": args.config, "overrides": args.overrides, "model": cfg["model"]["name"], "device": str(device),
+        "config": args.config, "overrides": args.overrides, "model": cfg.model["name"], "device": str(device),
         "torch_threads": torch.get_num_threads(), "batch_size": bs, "params": count_parameters(model),
-        "data": data_kind, "data_source": data.source, "mixed_precision": cfg["train"]["mixed_precision"],
+        "data": data_kind, "data_source": data.source, "mixed_precision": cfg.train.mixed_precision,
         "warmup_steps": args.warmup, "timed_steps": args.steps,
         "train_img_per_s": round(bs / sec_per_step, 3), "sec_per_step": round(sec_per_step, 5),
         "sample_n": sample_n, "sample_seconds": round(sample_seconds, 4),

@@ -2,12 +2,23 @@
 
 A config has the sections below.  ``model`` keys come from the architecture's own
 ``DEFAULTS`` (``models.architectures``), ``dequantizer`` keys from
-``models.builders.dequantizer`` (with the family's default kind and knob defaults); every
-other section from ``DEFAULTS`` here.  Old key names (run directories written before
-Contract v2) are moved to their current place first (``engine.config_migrations``).
-Unknown keys, values of the wrong type and values outside a key's choices are
-one-line :class:`FlowlabError`\\ s.  The resolved config (every key, defaults
-filled in) is what a run directory and its checkpoints carry.
+``models.builders.dequantizer`` (with the family's default kind and knob defaults),
+``objective`` keys from the objective's class (``engine.objectives``, ``objective.name``
+defaults to ``bpd``); every other section from ``DEFAULTS`` here.  Old key names (run
+directories written before Contract v2) are moved to their current place first
+(``engine.config_migrations``).  Unknown keys, values of the wrong type and values outside
+a key's choices are one-line :class:`FlowlabError`\\ s.  The resolved config (every key,
+defaults filled in) is what a run directory and its checkpoints carry;
+``engine.sections.RunConfig`` is its typed view.
+
+YAML files (``load_yaml``):
+
+* ``base: other.yaml`` (a path relative to the file) inherits: the file's sections are
+  merged key by key over the base file's (recursively, chains allowed; a cycle or a
+  missing base file is a one-line error).
+* a relative ``data.path`` in a file is taken relative to that file's directory when a
+  file exists there, else as given (relative to the current directory, as before).  On
+  the command line (``data.path=...``) it is always relative to the current directory.
 """
 from __future__ import annotations
 
@@ -18,6 +29,7 @@ import yaml
 
 from common.errors import FlowlabError
 from engine.config_migrations import upgrade
+from engine.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
 from models.architectures import ARCHITECTURES, architecture, dequantizer_section
 
 DEFAULTS = {
@@ -34,7 +46,8 @@ DEFAULTS = {
     },
     "train": {
         "steps": 1000,
-        "batch_size": 64,        # global batch: split over processes
+        "batch_size": 64,        # global batch per optimizer step: split over processes and micro-batches
+        "grad_accum_steps": 1,   # micro-batches per optimizer step (per process: batch_size / (world * this))
         "optimizer": "adam",     # adam | adamw | adamax
         "lr": 1e-3,
         "betas": [0.9, 0.999],
@@ -133,22 +146,35 @@ def _dequantizer_defaults(name, given) -> tuple[dict, dict]:
     return defaults, choices
 
 
+def _objective_defaults(given) -> tuple[dict, dict]:
+    """Keys and choices of the ``objective`` section of the objective ``given`` names."""
+    name = given.get("name", DEFAULT_OBJECTIVE) if isinstance(given, dict) else DEFAULT_OBJECTIVE
+    if name not in OBJECTIVES:
+        raise FlowlabError(f"unknown objective.name {name!r}; known: {', '.join(sorted(OBJECTIVES))}")
+    cls = OBJECTIVES[name]
+    return {"name": name, **copy.deepcopy(cls.DEFAULTS)}, dict(cls.CHOICES)
+
+
 def resolve(raw: dict) -> dict:
     """Fill defaults into a raw config and check every key, type and choice."""
     if not isinstance(raw, dict):
         raise FlowlabError("a config must be a mapping of sections (model, data, train, ...)")
     raw = upgrade(raw)
-    unknown = set(raw) - set(DEFAULTS) - {"model", "dequantizer"}
+    unknown = set(raw) - set(DEFAULTS) - {"model", "dequantizer", "objective"}
     if unknown:
-        raise FlowlabError(f"unknown config section(s) {sorted(unknown)}; known: model, dequantizer, {', '.join(DEFAULTS)}")
+        raise FlowlabError(f"unknown config section(s) {sorted(unknown)}; known: model, dequantizer, "
+                           f"{', '.join(DEFAULTS)}, objective")
     model_raw = raw.get("model") or {}
     if "name" not in model_raw:
         raise FlowlabError("config needs model.name (one of: " + ", ".join(sorted(ARCHITECTURES)) + ")")
     model_defaults, model_choices = _model_defaults(model_raw["name"])
     deq_defaults, deq_choices = _dequantizer_defaults(model_raw["name"], raw.get("dequantizer"))
-    sections = {"model": model_defaults, "dequantizer": deq_defaults, **copy.deepcopy(DEFAULTS)}
+    objective_defaults, objective_choices = _objective_defaults(raw.get("objective"))
+    sections = {"model": model_defaults, "dequantizer": deq_defaults, **copy.deepcopy(DEFAULTS),
+                "objective": objective_defaults}
     choices = {**CHOICES, **{("model", k): v for k, v in model_choices.items()},
-               **{("dequantizer", k): v for k, v in deq_choices.items()}}
+               **{("dequantizer", k): v for k, v in deq_choices.items()},
+               **{("objective", k): v for k, v in objective_choices.items()}}
     resolved = {}
     for section, defaults in sections.items():
         given = raw.get(section) or {}
@@ -189,7 +215,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_yaml(path: str) -> dict:
+def _read_yaml(path: str):
     if not os.path.isfile(path):
         raise FlowlabError(f"config file not found: {path}")
     try:
@@ -200,11 +226,60 @@ def load_yaml(path: str) -> dict:
     return raw or {}
 
 
+def _data_path_from_file(raw: dict, path: str) -> None:
+    """A relative ``data.path`` in the file ``path``: relative to the file's directory when a
+    file exists there, else left as given (relative to the current directory)."""
+    data = raw.get("data")
+    given = data.get("path") if isinstance(data, dict) else None
+    if isinstance(given, str) and given and not os.path.isabs(given):
+        here = os.path.normpath(os.path.join(os.path.dirname(path), given))
+        if os.path.exists(here):
+            data["path"] = here
+
+
+def merge_sections(base: dict, child: dict) -> dict:
+    """``child`` merged over ``base`` key by key, recursively into mappings (a new dict); a
+    child's empty section (``eval:`` with nothing under it) keeps the base's."""
+    out = copy.deepcopy(base)
+    for key, value in child.items():
+        if isinstance(out.get(key), dict) and (isinstance(value, dict) or value is None):
+            out[key] = merge_sections(out[key], value or {})
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_yaml(path: str, _chain: tuple = ()) -> dict:
+    """The raw config of a YAML file, with its ``base:`` chain merged under it and relative
+    ``data.path``\\ s resolved per file (see the module docstring)."""
+    raw = _read_yaml(path)
+    if not isinstance(raw, dict):
+        return raw  # resolve() says what is wrong with it
+    _data_path_from_file(raw, path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    chain = (*_chain, os.path.realpath(path))
+    if not isinstance(base, str) or not base:
+        raise FlowlabError(f"config file {path}: 'base' must be the path of another config file, got {base!r}")
+    base_path = os.path.join(os.path.dirname(path), base)
+    if not os.path.isfile(base_path):
+        raise FlowlabError(f"config file {path}: its base file {base_path} does not exist")
+    if os.path.realpath(base_path) in chain:
+        raise FlowlabError(f"config file {path}: 'base' chain has a cycle ({' -> '.join([*chain, os.path.realpath(base_path)])})")
+    return merge_sections(load_yaml(base_path, chain), raw)
+
+
 def load_config(path: str, overrides: list[str] = ()) -> dict:
-    """Load a YAML config, apply overrides and resolve it."""
+    """Load a YAML config (with its ``base:`` chain), apply overrides and resolve it."""
     return resolve(apply_overrides(load_yaml(path), list(overrides)))
+
+
+def dump_config(cfg: dict) -> str:
+    """A resolved config as YAML, sections in order (what ``train.py --print-config`` prints)."""
+    return yaml.safe_dump(cfg, sort_keys=False)
 
 
 def save_config(cfg: dict, path: str) -> None:
     with open(path, "w") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
+        f.write(dump_config(cfg))

@@ -1,30 +1,41 @@
-"""Building the pieces a run needs from a resolved config: data, model, optimizer."""
+"""Building the pieces a run needs from a resolved config: data, model, optimizer, objective.
+
+Each takes a :class:`engine.sections.RunConfig` (or the resolved dict, viewed as one).
+"""
 from __future__ import annotations
 
 import torch
 
 from data import load_dataset
 from common.errors import FlowlabError
+from engine.objectives import Objective, build_objective
+from engine.sections import RunConfig
 from models.architectures import build_model
 
 
-def load_data(cfg: dict):
-    d = cfg["data"]
-    return load_dataset(d["name"], root=d["root"], path=d["path"], download=d["download"], n_bits=d["n_bits"],
-                        max_train=d["max_train"], max_test=d["max_test"])
+def load_data(cfg: RunConfig | dict):
+    d = RunConfig.of(cfg).data
+    return load_dataset(d.name, root=d.root, path=d.path, download=d.download, n_bits=d.n_bits,
+                        max_train=d.max_train, max_test=d.max_test)
 
 
-def make_model(cfg: dict, data_shape, num_bits: int):
+def make_model(cfg: RunConfig | dict, data_shape, num_bits: int):
+    cfg = RunConfig.of(cfg)
     try:
-        return build_model(cfg["model"], data_shape, num_bits, cfg.get("dequantizer"))
+        return build_model(cfg.model, data_shape, num_bits, cfg.dequantizer)
     except ValueError as e:
-        raise FlowlabError(f"cannot build model '{cfg['model']['name']}' for data of shape {tuple(data_shape)}: {e}") from None
+        raise FlowlabError(f"cannot build model '{cfg.model['name']}' for data of shape {tuple(data_shape)}: {e}") from None
 
 
-def make_optimizer(cfg: dict, params) -> torch.optim.Optimizer:
-    t = cfg["train"]
+def make_optimizer(cfg: RunConfig | dict, params) -> torch.optim.Optimizer:
+    t = RunConfig.of(cfg).train
     kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adamax": torch.optim.Adamax}
-    return kinds[t["optimizer"]](params, lr=t["lr"], betas=tuple(t["betas"]), eps=t["eps"], weight_decay=t["weight_decay"])
+    return kinds[t.optimizer](params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+
+
+def make_objective(cfg: RunConfig | dict) -> Objective:
+    """The training objective of ``objective.name`` (``engine.objectives.OBJECTIVES``)."""
+    return build_objective(RunConfig.of(cfg).objective)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
