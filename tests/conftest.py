@@ -11,10 +11,13 @@
   the device the contract tests (``tests/test_contract.py``) put their models and
   inputs on, so the same suite runs on a GPU.  A device that this machine does not
   have is a usage error at start (exit status 4), never a silent run on the CPU.
-  On CUDA, cuDNN is put in deterministic mode for the session (the contract checks
-  that a seed reproduces ``log_prob`` exactly).
+  On CUDA the session uses deterministic kernels (cuDNN's, and
+  ``torch.use_deterministic_algorithms`` with warnings for ops that have none): the
+  contract checks that a seed reproduces ``log_prob`` exactly.
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -48,6 +51,8 @@ def _requested_device(config) -> torch.device:
 
 def pytest_configure(config):
     config._flowlab_device = _requested_device(config)  # fails at start, before any collection
+    if config._flowlab_device.type == "cuda":  # deterministic cuBLAS needs this before its first use
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def pytest_report_header(config):
@@ -62,12 +67,15 @@ def device(pytestconfig) -> torch.device:
     if device.type != "cuda":
         yield device
         return
-    previous = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    previous = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+                torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield device
     finally:
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[:2]
+        torch.use_deterministic_algorithms(previous[2], warn_only=previous[3])
 
 
 @pytest.fixture(autouse=True)
