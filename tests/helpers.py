@@ -12,6 +12,20 @@ plus a whole-model check that training reaches every parameter:
 
     assert_all_parameters_get_gradient(model, loss)
 
+the pieces of the whole-model contract every registered family is held to
+(``tests/test_contract.py``), each usable on any device:
+
+    resolve_overrides(overrides)            a resolved config from dotted overrides (as users write them)
+    build_flow(cfg, shape, device, dtype)   the Flow of a resolved config, on ``device``
+    perturb_zero_parameters(model)          move zero-initialised parameters off zero
+    random_images(n, shape, num_bits)       integer images as the data layer hands them out (uint8)
+    training_loss(model, x)                 the trainer's loss: mean bits/dim + auxiliary losses
+    assert_integer_images(s, shape, bits)   what ``sample`` returns: finite integers (in [0, 2^bits - 1])
+    assert_encode_decode_exact(model, x)    decode(*encode(x)) == x, bit for bit
+    estimated_logdet_layers(model)          layers whose log-det is an estimate (not a noise draw)
+    meta_parameter_count(cfg, shape, bits)  parameters of a build on the meta device (no memory)
+    data_shape(cfg)                         (C, H, W) of a config's data set
+
 and the plumbing of end-to-end tests that start the CLIs as users do:
 
     run_command(argv)                       subprocess in the repo root; fails with its output
@@ -56,6 +70,17 @@ __all__ = [
     "assert_ldj_matches_jacobian",
     "assert_all_parameters_get_gradient",
     "perturb_parameters",
+    "perturb_zero_parameters",
+    "resolve_overrides",
+    "build_flow",
+    "random_images",
+    "training_loss",
+    "assert_integer_images",
+    "PixelRangeError",
+    "assert_encode_decode_exact",
+    "estimated_logdet_layers",
+    "meta_parameter_count",
+    "data_shape",
 ]
 
 
@@ -214,6 +239,125 @@ def perturb_parameters(module: nn.Module, std: float = 0.05, generator: torch.Ge
         for p in m.parameters(recurse=types is None):
             noise = torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p)
             p.add_(std * noise)
+
+
+@torch.no_grad()
+def perturb_zero_parameters(module: nn.Module, std: float = 0.05,
+                            generator: torch.Generator | None = None) -> list[str]:
+    """Add N(0, std^2) noise to every parameter of ``module`` that is identically zero; returns their names.
+
+    A generic stand-in for a few training steps: zero-initialised last layers (Glow's
+    ZeroConv2d, RealNVP's and IDF's output convs, zero-init priors) pass no gradient back
+    at initialisation (see :func:`assert_all_parameters_get_gradient`) and make their
+    layers the identity.  Parameters that data-dependent init sets (ActNorm) are
+    overwritten by it afterwards, so call this before ``data_init``.
+    """
+    names = [name for name, p in module.named_parameters() if p.numel() and not bool((p != 0).any())]
+    params = dict(module.named_parameters())
+    for name in names:
+        p = params[name]
+        p.add_(std * torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p))
+    return names
+
+
+# ---- whole models: the contract of every family --------------------------------------------
+
+#: (C, H, W) of the data sets a config can name (npz files carry their own shape).
+DATA_SHAPES = {"cifar10": (3, 32, 32), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28)}
+
+
+def data_shape(cfg: dict) -> tuple[int, int, int]:
+    """(C, H, W) of the data set of a resolved config."""
+    name = cfg["data"]["name"]
+    assert name in DATA_SHAPES, f"data.name={name!r}: no known shape (npz files carry their own); add it to DATA_SHAPES"
+    return DATA_SHAPES[name]
+
+
+def resolve_overrides(overrides: list[str], raw: dict | None = None) -> dict:
+    """A resolved config from dotted ``section.key=value`` overrides (``model.name=...`` among
+    them) over ``raw``: the same parsing and validation (unknown keys, types, choices) as users' configs."""
+    from engine.config import apply_overrides, resolve
+    return resolve(apply_overrides(raw or {}, list(overrides)))
+
+
+def build_flow(cfg: dict, shape, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+               perturb: float | None = None):
+    """The Flow of a resolved config for data of ``shape`` at ``cfg["data"]["n_bits"]``, built as the
+    trainer builds it (on the CPU, then moved), in ``dtype`` (default: the default dtype) on ``device``.
+    ``perturb``: first move zero-initialised parameters off zero (:func:`perturb_zero_parameters`)."""
+    from models.architectures import build_model
+    model = build_model(cfg["model"], tuple(shape), cfg["data"]["n_bits"], cfg["dequantizer"])
+    if perturb:
+        perturb_zero_parameters(model, std=perturb)
+    return model.to(dtype or torch.get_default_dtype()).to(device)
+
+
+def random_images(n: int, shape, num_bits: int = 8, device: torch.device | str = "cpu",
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` uint8 images (the data layer's dtype) in [0, 2^num_bits - 1] on ``device``; the first is
+    all 0 and the second all 2^num_bits - 1 (both ends of the range), the rest uniform."""
+    x = torch.randint(0, 2 ** num_bits, (n, *shape), dtype=torch.uint8, generator=generator)
+    x[0] = 0
+    if n > 1:
+        x[1] = 2 ** num_bits - 1
+    return x.to(device)
+
+
+def training_loss(model, x: torch.Tensor):
+    """``(loss, log_p, aux)`` as the trainer computes them: ``loss`` = mean bits/dim of
+    ``model(x, return_aux=True)`` plus every auxiliary loss (already weighted)."""
+    from engine.metrics import bits_per_dim
+    log_p, aux = model(x, return_aux=True)
+    loss = bits_per_dim(log_p, model.num_dims).mean()
+    for value in aux.values():
+        loss = loss + value
+    return loss, log_p, aux
+
+
+class PixelRangeError(AssertionError):
+    """Raised by :func:`assert_integer_images` for integer samples outside [0, 2^bits - 1] (and only then)."""
+
+
+def assert_integer_images(samples: torch.Tensor, shape, num_bits: int | None = None) -> None:
+    """What a family's ``sample`` returns: shape ``(n, *shape)``, finite, integer-valued, and
+    (given ``num_bits``) in [0, 2^num_bits - 1], else :class:`PixelRangeError`."""
+    assert tuple(samples.shape[1:]) == tuple(shape), f"sample shape {tuple(samples.shape)}, data shape {tuple(shape)}"
+    assert bool(torch.isfinite(samples).all()), f"{int((~torch.isfinite(samples)).sum())} non-finite sample values"
+    assert torch.equal(samples, samples.round()), "samples are not integer-valued"
+    if num_bits is None:
+        return
+    lo, hi = samples.min().item(), samples.max().item()
+    if not (0 <= lo and hi <= 2 ** num_bits - 1):
+        raise PixelRangeError(f"samples span [{lo:g}, {hi:g}], outside [0, {2 ** num_bits - 1}]")
+
+
+@torch.no_grad()
+def assert_encode_decode_exact(model, x: torch.Tensor):
+    """``decode(*encode(x)) == x`` bit for bit (integer images); returns ``(eps_top, latents)``."""
+    eps, latents = model.encode(x)
+    x_rec = model.decode(eps, latents)
+    assert x_rec.shape == x.shape, f"decoded shape {tuple(x_rec.shape)} != {tuple(x.shape)}"
+    wrong = x_rec.to(torch.float64) != x.to(torch.float64)
+    assert not bool(wrong.any()), (
+        f"decode(encode(x)) differs from x in {int(wrong.sum())} of {x.numel()} values "
+        f"(max |error| {_max_err(x_rec, x):.3g})")
+    return eps, latents
+
+
+def estimated_logdet_layers(model) -> list[str]:
+    """Names of the layers whose log-det is an estimate (Russian roulette, Hutchinson) in the
+    model's current mode, leaving out the layers that draw noise (their term is a bound)."""
+    return [name for name, t in model.layers() if not t.exact_ldj and not t.stochastic_forward]
+
+
+def meta_parameter_count(cfg: dict, shape, num_bits: int | None = None) -> int:
+    """Parameter count of the model of a resolved config for data of ``shape``, built on the meta
+    device (shapes only: no memory, no random init, so paper-size models count in a second)."""
+    from models.architectures import build_model
+    with torch.device("meta"):
+        model = build_model(cfg["model"], tuple(shape), cfg["data"]["n_bits"] if num_bits is None else num_bits,
+                            cfg["dequantizer"])
+    return sum(p.numel() for p in model.parameters())
 
 
 # ---- end-to-end CLI tests ------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Tests of FFJORD / RNODE (models/transforms/continuous, models/nets/ode_nets.py,
 models/architectures/ffjord.py): the CNF's log-density against a brute-force integration
 of the instantaneous change of variables, unbiased Hutchinson traces, reconstruction,
-adjoint against direct gradients, gradients of every parameter, NFE counting, solver
-settings per mode, sampling, the paper's parameter counts and a short training run."""
+adjoint against direct gradients, RNODE's auxiliary losses, NFE counting, solver settings
+per mode, sampling, the paper configs' structure and a short training run.  (Gradients of
+every parameter with and without RNODE, the model's encode/decode, sampling and the paper
+configs' parameter counts: tests/test_contract.py.)"""
 from __future__ import annotations
 
 import math
@@ -12,13 +14,11 @@ import pytest
 import torch
 
 from engine.config import load_config
-from engine.metrics import bits_per_dim
 from models.architectures import build_model, ffjord
 from models.nets.ode_nets import ODENet
 from models.transforms.continuous.cnf import CNF, SolverSettings
 from models.transforms.continuous.trace import exact_trace, hutchinson_trace, sample_noise
-from tests.helpers import (ROOT, SUBSET, assert_all_parameters_get_gradient, assert_invertible, needs_subset,
-                           read_metric, run_command)
+from tests.helpers import ROOT, SUBSET, assert_invertible, needs_subset, read_metric, run_command
 
 TIGHT = SolverSettings("dopri5", atol=1e-10, rtol=1e-10)
 
@@ -149,11 +149,6 @@ def test_forward_then_reverse_integration_reconstructs(float64):
     net = ODENet(3, [8, 8], conv=True, layer_type="concatsquash")
     conv = CNF(net, end_time=0.7, train_solver=TIGHT, test_solver=TIGHT).eval()
     assert_invertible(conv, torch.randn(4, 3, 4, 4), atol=1e-7)
-    # the whole model: decode(encode(x)) gives back the integer image
-    model = tiny_ffjord(atol=1e-9, rtol=1e-9, test_atol=1e-9, test_rtol=1e-9, zero_last=False).eval()
-    x = images(3)
-    eps, latents = model.encode(x)
-    assert torch.equal(model.decode(eps, latents), x)
 
 
 def _grads(adjoint: bool, x: torch.Tensor):
@@ -180,14 +175,11 @@ def test_adjoint_gradients_match_direct_backpropagation(float64):
 
 
 @pytest.mark.parametrize("layer_type", ["concat", "concatsquash"])
-def test_every_parameter_receives_a_gradient(layer_type):
+def test_rnode_returns_both_regularisers_of_every_block_with_the_forward(layer_type):
     model = tiny_ffjord(layer_type=layer_type, train_end_time=True, kinetic_energy=0.01, jacobian_norm2=0.01).train()
-    x = images(4)
-    log_p, aux = model(x, return_aux=True)
-    loss = bits_per_dim(log_p, model.num_dims).mean()
+    _, aux = model(images(4), return_aux=True)
     assert {k.rsplit(".", 1)[1] for k in aux} == {"kinetic_energy", "jacobian_norm2"}
-    assert len(aux) == 2 * len(cnfs_of(model)) and all(float(v) > 0 for v in aux.values())
-    assert_all_parameters_get_gradient(model, loss + sum(aux.values()))
+    assert len(aux) == 2 * len(cnfs_of(model)) and all(float(v.detach()) > 0 for v in aux.values())
 
 
 def test_direct_backprop_from_a_zero_initialised_last_layer_has_finite_gradients():
@@ -262,14 +254,16 @@ def test_sampling_by_reverse_integration():
     assert all(c.nfe()["inverse"] == 8 for c in cnfs_of(model))
 
 
-def test_paper_parameter_counts():
+def test_paper_configs_structure():
     """ODENVP 4 scales x (2 + 2) CNFs - 2 = 14 blocks of 3x3 concat convs 64-64-64: 1,358,868
-    weights, plus one learnable end time per block in FFJORD (RNODE fixes T)."""
-    for config, params in (("ffjord_cifar10.yaml", 1_358_882), ("rnode_cifar10.yaml", 1_358_868)):
+    weights, plus one learnable end time per block in FFJORD (RNODE fixes T; the counts of
+    both configs: tests/test_contract.py)."""
+    for config, learnable_t in (("ffjord_cifar10.yaml", True), ("rnode_cifar10.yaml", False)):
         cfg = load_config(f"{ROOT}/experiments/{config}", [])
-        model = build_model(cfg["model"], (3, 32, 32), 8, cfg["dequantizer"])
+        with torch.device("meta"):
+            model = build_model(cfg["model"], (3, 32, 32), 8, cfg["dequantizer"])
         assert len(cnfs_of(model)) == 14
-        assert sum(p.numel() for p in model.parameters() if p.requires_grad) == params == cfg["paper"]["params"]
+        assert all(("sqrt_end_time" in dict(c.named_parameters())) == learnable_t for c in cnfs_of(model))
     assert cfg["model"]["kinetic_energy"] == cfg["model"]["jacobian_norm2"] == 0.01
     assert cfg["model"]["logit_alpha"] == 0.05 and not cfg["model"]["train_end_time"]
 

@@ -21,7 +21,8 @@ from models.core.distributions import LearnedGaussian, StandardNormal
 from models.nets.glow_nets import ZeroConv2d
 from models.transforms.surjections.split import Split
 from models.transforms.surjections.uniform_dequantization import UniformDequantization
-from tests.helpers import assert_all_parameters_get_gradient, jacobian_logdet, perturb_parameters
+from tests.helpers import (assert_all_parameters_get_gradient, assert_encode_decode_exact, jacobian_logdet,
+                           meta_parameter_count, perturb_parameters)
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 DATA_SHAPE = (3, 4, 4)
@@ -124,13 +125,12 @@ def test_log_prob_equals_brute_force_change_of_variables(overrides, float64):
 
 # ---- encode / decode, sampling ------------------------------------------------------------------------
 
-def test_encode_decode_round_trip_is_exact(float64):
+def test_encode_gives_the_top_and_one_split_latent(float64):
+    """(decode(encode(x)) == x for every family: tests/test_contract.py.)"""
     model = tiny_glow()
-    x = random_images(4)
-    eps, latents = model.encode(x)
+    eps, latents = model.encode(random_images(4))
     assert eps.shape == (4, 24, 1, 1)
     assert [tuple(l.shape) for l in latents] == [(4, 6, 2, 2)]
-    assert torch.equal(model.decode(eps, latents), x)
 
 
 def test_encode_decode_round_trip_float32():
@@ -149,16 +149,6 @@ def test_encode_decode_round_trip_float32():
     assert torch.equal(model.decode(eps, latents), x)
 
 
-def test_sample_shape_and_integer_range():
-    model = tiny_glow(perturb=False, data_init=False)  # freshly built
-    s = model.sample(6, temperature=0.7)
-    assert s.shape == (6, *DATA_SHAPE)
-    assert bool(torch.isfinite(s).all())
-    assert torch.equal(s, s.floor())
-    assert s.min() >= 0 and s.max() <= 255
-    assert len({tuple(img.flatten().tolist()) for img in s}) == 6  # noise was drawn
-
-
 def test_temperature_zero_is_deterministic(float64):
     model = tiny_glow()
     a = model.sample(3, temperature=0.0)
@@ -172,23 +162,7 @@ def test_temperature_zero_is_deterministic(float64):
     assert not torch.equal(model.sample(3, temperature=0.7), model.sample(3, temperature=0.7))
 
 
-# ---- parameter counts of the paper configs -------------------------------------------------------------
-
-def _num_params(cfg):
-    """Parameter count of a CIFAR-10 (3x32x32, 8-bit) build of a resolved config; built on the
-    meta device (shapes only, no memory or random init) to keep the test fast."""
-    with torch.device("meta"):
-        model = build_model(cfg["model"], (3, 32, 32), 8, cfg["dequantizer"])
-    return sum(p.numel() for p in model.parameters())
-
-
-def test_paper_config_parameter_count():
-    cfg = load_config(os.path.join(ROOT, "experiments", "glow_cifar10.yaml"))
-    n = _num_params(cfg)
-    assert n == 44_603_604
-    assert abs(n - 44.6e6) <= 0.05e6
-    assert abs(n - cfg["paper"]["params"]) <= 0.002 * cfg["paper"]["params"]
-
+# ---- parameter counts (the paper config's: tests/test_contract.py) ------------------------------------
 
 def test_additive_coupling_parameter_count():
     """Additive coupling halves the output channels of every coupling net's last layer.
@@ -200,24 +174,18 @@ def test_additive_coupling_parameter_count():
     44,603,604 - 6,207,936 = 38,395,668 (38.4M).  We assert our derivation, not 37.9M.
     """
     cfg = load_config(os.path.join(ROOT, "experiments", "glow_cifar10.yaml"), ["model.coupling=additive"])
-    n = _num_params(cfg)
+    n = meta_parameter_count(cfg, (3, 32, 32))
     removed = 32 * sum((c // 2) * (9 * 513 + 2) for c in (12, 24, 48))
     assert removed == 6_207_936
     assert n == 44_603_604 - removed == 38_395_668
 
 
-# ---- gradients ------------------------------------------------------------------------------------
-
-def test_every_parameter_gets_a_gradient():
-    # Zero-initialised ZeroConv2d layers make some grads exactly zero at init (their
-    # logs, and every layer of a coupling net before its ZeroConv2d); perturbing them
-    # stands in for a few training steps.  The next test checks that one real step does it.
-    model = tiny_glow()
-    loss = -model.log_prob(random_images(8)).mean()
-    assert_all_parameters_get_gradient(model, loss)
-
+# ---- gradients (of a perturbed model, for every family: tests/test_contract.py) --------------------------
 
 def test_one_optimizer_step_reaches_every_parameter():
+    """Zero-initialised ZeroConv2d layers make some grads exactly zero at init (their logs, and
+    every layer of a coupling net before its ZeroConv2d); the contract tests perturb them as a
+    stand-in for training.  Here: exactly those are zero, and one real optimizer step suffices."""
     model = tiny_glow(perturb=False)
     x = random_images(8)
     model.zero_grad()
@@ -242,8 +210,7 @@ def test_glow_options(permutation, coupling, learn_top, float64):
     x = random_images(4)
     log_prob = model.log_prob(x)
     assert log_prob.shape == (4,) and bool(torch.isfinite(log_prob).all())
-    eps, latents = model.encode(x)
-    assert torch.equal(model.decode(eps, latents), x)
+    assert_encode_decode_exact(model, x)
 
 
 def test_image_size_must_divide_by_two_to_the_levels():

@@ -2,7 +2,8 @@
 
 Exactness is tested with torch.equal (no tolerance): every layer and the whole model
 must map integer images, including all-0 and all-255 ones, to integer latents and back
-bit for bit, also with large random network outputs in float32.
+bit for bit, also with large random network outputs in float32.  (Integer samples,
+gradients of every parameter and the paper config's parameter count: tests/test_contract.py.)
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import torch
 from engine.config import load_config
 from engine.metrics import bits_per_dim
 from engine.schedule import learning_rate
-from engine.setup import count_parameters, make_model
 from models.architectures import build_model, idf
 from models.nets.densenet import DenseNet, dense_growths
 from models.transforms.bijections.permutation import ChannelPermutation
@@ -25,7 +25,7 @@ from models.transforms.discrete.integer_coupling import IntegerAdditiveCoupling,
 from models.transforms.discrete.integer_shift import IntegerShift
 from models.core.distributions import DiscretizedLogisticMixturePrior
 from models.transforms.discrete.rounding import round_straight_through
-from tests.helpers import ROOT, assert_all_parameters_get_gradient, perturb_parameters
+from tests.helpers import ROOT, assert_all_parameters_get_gradient, meta_parameter_count, perturb_parameters
 
 DATA_SHAPE = (3, 8, 8)
 
@@ -179,16 +179,9 @@ def test_log_prob_is_the_sum_of_the_discrete_priors_on_the_latents(float64):
     assert torch.allclose(bpd.double(), -log_prob / (math.prod(DATA_SHAPE) * math.log(2)), rtol=1e-6)
 
 
-def test_samples_are_integer_images():
-    model = tiny_idf(std=0.05)
-    s = model.sample(4, temperature=0.7)
-    assert s.shape == (4, *DATA_SHAPE) and is_integer(s)
-
-
-def test_every_parameter_gets_a_gradient_and_training_lowers_bpd():
+def test_training_lowers_bpd():
     model = tiny_idf(std=0.05)
     x = images(16)
-    assert_all_parameters_get_gradient(model, -model.log_prob(x).mean())
     opt = torch.optim.Adamax(model.parameters(), lr=1e-2)
     first = None
     for _ in range(15):
@@ -210,13 +203,11 @@ def test_prior_initialisation_matches_the_official_code():
 
 # ---- configs and schedule ---------------------------------------------------------------------------
 
-def test_paper_config_has_the_official_parameter_count():
+def test_paper_config_trains_as_the_official_code_and_the_small_one_is_small():
+    """(The paper config's parameter count, 58,458,052: tests/test_contract.py.)"""
     cfg = load_config(f"{ROOT}/experiments/idf_cifar10.yaml")
     assert cfg["train"]["optimizer"] == "adamax" and cfg["train"]["eps"] == 1e-7 and cfg["train"]["batch_size"] == 256
-    model = make_model(cfg, (3, 32, 32), 8)
-    assert count_parameters(model) == 58_458_052 == cfg["paper"]["params"]
-    small = make_model(load_config(f"{ROOT}/experiments/idf_small.yaml"), (3, 32, 32), 8)
-    assert count_parameters(small) < 1_000_000
+    assert meta_parameter_count(load_config(f"{ROOT}/experiments/idf_small.yaml"), (3, 32, 32)) < 1_000_000
 
 
 def test_exponential_schedule_decays_per_epoch_from_the_first_step():
