@@ -86,7 +86,8 @@ class Flow(nn.Module):
     @property
     def is_discrete(self) -> bool:
         """Integers to integers all the way (IDF): log_prob is an exact discrete log P(x)."""
-        return bool(self.layers()) and all(t.discrete for t in self.transforms) and getattr(self.base, "discrete", False)
+        layers = self.layers()
+        return bool(layers) and all(t.discrete for _, t in layers) and getattr(self.base, "discrete", False)
 
     @property
     def likelihood_kind(self) -> str:
