@@ -1,7 +1,7 @@
 """Reusable checks for flow layers and models (any flow family).
 
 Every invertible layer in the project is tested with the same two checks
-(``shared/design.md``: "inverse(forward(x)) == x to tolerance, and log|det J|
+(the project standard: "inverse(forward(x)) == x to tolerance, and log|det J|
 equal to the log-determinant of the autograd Jacobian on small inputs"):
 
     assert_invertible(t, x)                 inverse(forward(x)) == x  (bijections)

@@ -167,7 +167,7 @@ def test_temperature_zero_is_deterministic(float64):
 def test_additive_coupling_parameter_count():
     """Additive coupling halves the output channels of every coupling net's last layer.
 
-    ../shared/papers.md quotes 37.9M for the additive variant, but the official
+    The Glow paper (arXiv:1807.03039) is quoted at 37.9M for the additive variant, but the official
     model.py builds that layer as ``conv2d_zeros(n_z // 2)`` (3x3, edge padding, bias,
     logs) and otherwise the same network, so the count is the affine one minus
     32 steps x sum over levels of (C/2) * (9 * 513 + 2), C = 12, 24, 48:
