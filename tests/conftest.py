@@ -7,6 +7,8 @@
   inside it have float64 parameters and random tensors are float64; the previous
   default is restored afterwards.  Use it for invertibility and log-det checks,
   where float32 rounding would hide or fake small errors.
+* ``one_thread`` (opt-in): torch on one thread for the test (restored afterwards); small
+  models train many times faster so on a shared CPU than with threads fighting for cores.
 """
 from __future__ import annotations
 
@@ -28,3 +30,13 @@ def float64():
         yield torch.float64
     finally:
         torch.set_default_dtype(previous)
+
+
+@pytest.fixture
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
