@@ -10,7 +10,12 @@ stochastic (uniform or variational) dequantization it is the single-sample varia
 bound (K=1); ``--iw-samples K`` adds the importance-weighted bound
 log (1/K) sum_k p(x + u_k) / q(u_k | x) (Flow++'s evaluation), computed ``--iw-chunk``
 samples per forward so that K=4096 fits in memory.  K is stated next to every number.
+
+A run of another objective (``objective.name``: nll, elbo, reverse_kl) is evaluated as its
+trainer evaluates it (``objective.evaluate``: test NLL in nats; -ELBO and the importance-sampled
+-log p(x), ``--iw-samples`` replacing ``eval.iw_samples``; the reverse KL on fresh samples).
 """
+import dataclasses
 import argparse
 import json
 import math
@@ -22,13 +27,15 @@ from engine.cli import run_cli
 from common.errors import FlowlabError
 from engine.evaluate import evaluate_bpd
 from engine.run import load_run
-from engine.setup import load_data
+from engine.setup import load_data, make_objective
 
 
 def evaluate_run(run_dir: str, split: str, batch_size: int | None, device: str, use_ema: bool = True,
                  iw_samples: int = 1, iw_chunk: int | None = None, max_examples: int | None = None) -> dict:
     cfg, model, info = load_run(run_dir, use_ema=use_ema, device=device)
     data = load_data(cfg)
+    if cfg.objective["name"] != "bpd":
+        return _evaluate_objective(run_dir, cfg, model, info, data, split, batch_size, iw_samples, max_examples)
     images = {"test": data.test, "train": data.train}[split]
     if max_examples:
         images = images[:max_examples]
@@ -44,6 +51,20 @@ def evaluate_run(run_dir: str, split: str, batch_size: int | None, device: str, 
     return {"run": run_dir, "model": cfg.model["name"], "split": split, **result, "bound": bound_kind(model),
             "stochastic": model.is_stochastic, "iw": iw,
             "step": info["step"], "images_seen": info["images_seen"], "ema": info["ema"],
+            "num_params": sum(p.numel() for p in model.parameters()), "data": data.source, "paper": cfg.paper.to_dict()}
+
+
+def _evaluate_objective(run_dir, cfg, model, info, data, split, batch_size, iw_samples, max_examples) -> dict:
+    """A run whose objective is not bits/dim: the objective's own test numbers on ``split``."""
+    if data.test is not None:
+        data = dataclasses.replace(data, test={"test": data.test, "train": data.train}[split])
+    eval_cfg = dataclasses.replace(cfg.eval, batch_size=batch_size or cfg.eval.batch_size,
+                                   max_examples=max_examples or cfg.eval.max_examples,
+                                   iw_samples=iw_samples if iw_samples > 1 else cfg.eval.iw_samples)
+    result = make_objective(cfg).evaluate(model, data, eval_cfg, seed=cfg.train.seed)
+    return {"run": run_dir, "model": cfg.model["name"], "objective": cfg.objective["name"], "split": split,
+            **{k: v for k, v in result.items() if k != "line"}, "line": result["line"], "step": info["step"],
+            "images_seen": info["images_seen"], "ema": info["ema"],
             "num_params": sum(p.numel() for p in model.parameters()), "data": data.source, "paper": cfg.paper.to_dict()}
 
 
@@ -94,7 +115,13 @@ def main():
     rows = [evaluate_run(d, args.split, args.batch_size, args.device, not args.no_ema, args.iw_samples, args.iw_chunk,
                          args.max_examples) for d in args.run_dirs]
     if args.table:
+        if any("objective" in r for r in rows):
+            raise FlowlabError("--table compares bits/dim runs; evaluate runs of other objectives one at a time")
         print(table(rows))
+    elif "objective" in rows[0]:
+        r = rows[0]
+        print(f"{r['split']}: {r['line']} (n={r['n']}, objective {r['objective']}, step {r['step']}, "
+              f"EMA {'on' if r['ema'] else 'off'}; data: {r['data']})")
     else:
         r = rows[0]
         print(f"{r['split']} bpd: {r['bpd']:.4f} ± {r['stderr']:.4f} (mean ± s.e. over n={r['n']} images, "

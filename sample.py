@@ -3,14 +3,18 @@
     python sample.py RUN_DIR --n 64 --temperature 0.7 [--temperature 1.0 ...] --out grid.png
 
 Non-finite pixels are counted and reported (shown black), never silently clamped.
+A run of another objective (nll, elbo, reverse_kl) draws what its trainer draws
+(``objective.save_samples``: the 2-D density / samples figure, the VAE's Bernoulli means).
 """
 import argparse
+import dataclasses
 
 import torch
 
 from engine.cli import run_cli
 from engine.images import save_grid, to_uint8
 from engine.run import load_run
+from engine.setup import load_data, make_objective
 
 
 def main():
@@ -26,6 +30,14 @@ def main():
     temps = args.temperature or [0.7]
     cfg, model, info = load_run(args.run_dir, use_ema=not args.no_ema, device=args.device)
     torch.manual_seed(args.seed)
+    if cfg.objective["name"] != "bpd":
+        stem = args.out[:-4] if args.out.endswith(".png") else args.out
+        sample_cfg = dataclasses.replace(cfg.sample, n=args.n, temperatures=tuple(temps))
+        out = make_objective(cfg).save_samples(model, load_data(cfg), sample_cfg, stem)
+        print(f"wrote {out['path']}: {args.n} samples at T={temps} (objective {cfg.objective['name']}, step "
+              f"{info['step']}, EMA {'on' if info['ema'] else 'off'}); "
+              f"non-finite {out['nonfinite_what']}: {out['nonfinite']}")
+        return
     rows, bad = [], 0
     for temp in temps:
         images, n_bad = to_uint8(model.sample(args.n, temperature=temp), cfg.data.n_bits)

@@ -1,13 +1,16 @@
 """MAF vs IAF: density (log_prob) and sampling time as the dimension D grows.
 
-Both flows use the same MADE network (hidden layers ``--hidden`` wide) and the same
-number of layers.  MAF scores data in one MADE pass per layer and samples in D passes;
-IAF samples in one pass and scores *new* data in D passes (its density direction has to
-recover the latent coordinate by coordinate).  Prints a markdown table of milliseconds
+Both flows are the ``vector_flow`` family (``models.builders.vector_layers``) with
+``model.flow=maf`` and ``model.flow=iaf`` and otherwise the same ``model`` keys: the same
+number of layers (``model.steps``) of the same MADE (``model.hidden_blocks`` hidden layers
+``model.hidden_channels`` wide), given as dotted overrides as for train.py.  MAF scores
+data in one MADE pass per layer and samples in D passes; IAF samples in one pass and
+scores *new* data in D passes (its density direction has to recover the latent coordinate
+by coordinate).  Prints a markdown table of milliseconds
 per batch and the MADE passes each direction needs.
 
-    python benchmarks/maf_iaf.py                       # D in 2 8 32 128 512, batch 64
-    python benchmarks/maf_iaf.py --dims 2 8 32 --batch 64 --repeats 3
+    python benchmarks/maf_iaf.py                       # D in 2 8 32 128 512, batch 64, 2 layers of 128 x 2
+    python benchmarks/maf_iaf.py --dims 2 8 32 --batch 64 --repeats 3 model.steps=4 model.hidden_channels=64
 """
 from __future__ import annotations
 
@@ -18,17 +21,29 @@ import time
 import torch
 
 
-from models.core.distributions import StandardNormal
+from common.errors import FlowlabError
+from engine.cli import run_cli
+from engine.config import apply_overrides, resolve
+from models.architectures import build_model
 from models.core.flow import Flow
-from models.nets.made import MADE
-from models.transforms.vector.iaf import IAF
-from models.transforms.vector.maf import MAF
+
+MODEL = {"name": "vector_flow", "steps": 2, "hidden_channels": 128, "hidden_blocks": 2}  # the benchmark's defaults
 
 
-def build(kind: str, dim: int, layers: int, hidden: int) -> Flow:
-    cls = MAF if kind == "maf" else IAF
-    ts = [cls(MADE(dim, (hidden, hidden), ordering="natural" if i % 2 == 0 else "reverse")) for i in range(layers)]
-    return Flow(ts, StandardNormal((dim,)), (dim,))
+def model_section(overrides: list[str]) -> dict:
+    """The resolved ``model`` section of the vector_flow family with ``model.*`` overrides."""
+    if any(not o.startswith("model.") for o in overrides):
+        raise FlowlabError(f"maf_iaf.py takes model.* overrides only, got {overrides}")
+    return resolve(apply_overrides({"model": dict(MODEL)}, overrides))["model"]
+
+
+def build(kind: str, dim: int, layers: int | None = None, hidden: int | None = None, model: dict | None = None) -> Flow:
+    """The vector_flow of ``model`` (default: the benchmark's) as ``kind`` (maf | iaf) on D = ``dim``;
+    ``layers`` / ``hidden`` set ``model.steps`` / ``model.hidden_channels``."""
+    cfg = dict(model or model_section([]))
+    cfg.update(flow=kind, **({"steps": layers} if layers is not None else {}),
+               **({"hidden_channels": hidden} if hidden is not None else {}))
+    return build_model(cfg, (dim,), None, {"kind": "none"})
 
 
 @torch.no_grad()
@@ -46,16 +61,17 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dims", type=int, nargs="+", default=[2, 8, 32, 128, 512])
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args(argv)
+    ap.add_argument("overrides", nargs="*", help="model.* overrides, e.g. model.steps=4 model.hidden_channels=64")
+    args = ap.parse_intermixed_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    model = model_section(args.overrides)
+    layers, hidden = model["steps"], f"{model['hidden_channels']}x{model['hidden_blocks']}"
     rows = []
     for d in args.dims:
-        maf, iaf = build("maf", d, args.layers, args.hidden).eval(), build("iaf", d, args.layers, args.hidden).eval()
+        maf, iaf = build("maf", d, model=model).eval(), build("iaf", d, model=model).eval()
         x = torch.randn(args.batch, d)
         r = {
             "maf_density": timed(lambda: maf.log_prob(x), args.repeats),
@@ -65,7 +81,7 @@ def main(argv=None):
         }
         rows.append((d, r))
         print(f"D={d}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in r.items()), file=sys.stderr, flush=True)
-    print(f"MAF vs IAF, {args.layers} layers, MADE hidden {args.hidden}x2, batch {args.batch}, "
+    print(f"MAF vs IAF, {layers} layers, MADE hidden {hidden}, batch {args.batch}, "
           f"{args.threads} thread(s), best of {args.repeats} (ms per batch)")
     print()
     print("| D | MAF density (1 pass/layer) | MAF sampling (D passes/layer) | IAF density (D passes/layer) "
@@ -78,4 +94,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -78,7 +78,7 @@ def main():
     bs = cfg.train.batch_size
     sample_n = args.sample_n or bs
     data, data_kind = get_data(cfg)
-    if data.train.shape[0] < bs:
+    if data.train is not None and data.train.shape[0] < bs:  # (no data: energy fits draw their batches)
         raise FlowlabError(f"train.batch_size={bs} exceeds the {data.train.shape[0]} training images")
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, run_dir, data=data, tensorboard=False)

@@ -3,7 +3,11 @@
 Every data set is one loader function registered in :data:`LOADERS`; it returns
 uint8 numpy arrays ``(train, test)`` laid out N,C,H,W plus a sentence saying what
 was read. :func:`load_dataset` adds bit reduction and truncation on top.
-Dequantization is left to the model.
+Dequantization is left to the model.  ``data.n_bits=1`` binarizes (pixel >= 128): the
+binary images of the flow-VAE and of argmax flows.
+
+:func:`load_dataset` also loads the vector data sets of ``data.vectors`` (``toy2d``,
+``none``), whose options it passes on.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class ImageDataset:
     name: str
     source: str
 
+    kind = "image"  # what the trainer and the objectives ask: "image" | "vector" | "none"
+
     @property
     def shape(self) -> tuple[int, int, int]:
         """(C, H, W) of one image."""
@@ -61,10 +67,18 @@ def register(name: str) -> Callable[[Loader], Loader]:
 
 def load_dataset(name: str, root: str = "datasets", path: str | None = None, download: bool = True,
                  n_bits: int = 8, max_train: int | None = None,
-                 max_test: int | None = None) -> ImageDataset:
-    """Load data set ``name`` into memory, keep the first max_train/max_test images, reduce to n_bits."""
+                 max_test: int | None = None, **vector_options) -> ImageDataset:
+    """Load data set ``name`` into memory, keep the first max_train/max_test images, reduce to n_bits.
+
+    A vector data set (``data.vectors.VECTOR_LOADERS``) is loaded by ``load_vectors`` with
+    ``vector_options`` (``toy``, ``n_train``, ``n_test``, ``dim``) and is a ``VectorDataset``."""
+    from data.vectors import VECTOR_LOADERS, load_vectors
+
+    if name in VECTOR_LOADERS:
+        return load_vectors(name, max_train=max_train, max_test=max_test, **vector_options)
     if name not in LOADERS:
-        raise FlowlabError(f"unknown data set {name!r}: data.name must be one of {', '.join(sorted(LOADERS))}")
+        known = sorted({*LOADERS, *VECTOR_LOADERS})
+        raise FlowlabError(f"unknown data set {name!r}: data.name must be one of {', '.join(known)}")
     if not (isinstance(n_bits, int) and 1 <= n_bits <= 8):
         raise FlowlabError(f"data.n_bits must be an integer in 1..8, got {n_bits!r}")
     for key, value in (("max_train", max_train), ("max_test", max_test)):

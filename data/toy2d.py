@@ -134,3 +134,14 @@ def energy(name: str, z: torch.Tensor) -> torch.Tensor:
         w3 = 3 * torch.sigmoid((z1 - 1) / 0.3)
         return -torch.logsumexp(torch.stack([-0.5 * ((z2 - w1) / 0.4) ** 2, -0.5 * ((z2 - w1 + w3) / 0.35) ** 2]), 0) + wall
     raise ValueError(f"unknown energy {name!r}; known: {', '.join(ENERGIES)}")
+
+
+@lru_cache(maxsize=8)
+def log_partition(name: str, half_width: float = 8.0, res: int = 801) -> float:
+    """log Z = log ∫ exp(-U(z)) dz of energy ``name``, by the midpoint rule on [-w, w]^2 in
+    float64 (``res`` x ``res`` cells; the mass of U1-U4, walls included, lies well inside w = 8).
+    With it a reverse-KL fit reports KL(q || p) = E_q[log q(x) + U(x)] + log Z itself."""
+    h = 2 * half_width / res
+    c = (torch.arange(res, dtype=torch.float64) + 0.5) * h - half_width
+    z = torch.stack(torch.meshgrid(c, c, indexing="ij"), -1).reshape(-1, 2)
+    return float(torch.logsumexp(-energy(name, z), 0) + 2 * math.log(h))

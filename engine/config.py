@@ -28,13 +28,14 @@ import os
 import yaml
 
 from common.errors import FlowlabError
+from data import toy2d
 from engine.config_migrations import upgrade
 from engine.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
 from models.architectures import ARCHITECTURES, architecture, dequantizer_section
 
 DEFAULTS = {
     "data": {
-        "name": "cifar10",       # cifar10 | npz | mnist | fashion_mnist
+        "name": "cifar10",       # images: cifar10 | npz | mnist | fashion_mnist; vectors: toy2d | none
         "root": "datasets",      # where torchvision data lives / downloads to
         "path": None,            # the .npz file for name=npz
         "download": True,
@@ -43,6 +44,10 @@ DEFAULTS = {
         "translate": 0.0,        # random shifts, fraction of the image size (train only)
         "max_train": None,       # keep only the first N images (smoke runs)
         "max_test": None,
+        "toy": "two_moons",      # data.name=toy2d: which 2-D toy (data/toy2d.py DATASETS)
+        "n_train": 20000,        # data.name=toy2d: seeded samples in the train split ...
+        "n_test": 5000,          # ... and in the test split
+        "dim": 2,                # data.name=none (no data: energy fits): dimension of the vectors
     },
     "train": {
         "steps": 1000,
@@ -72,7 +77,9 @@ DEFAULTS = {
     },
     "eval": {
         "batch_size": 256,
-        "max_examples": None,    # None = the whole split
+        "max_examples": None,    # None = the whole split (no data: 10000 fresh samples)
+        "iw_samples": 1,         # importance samples per example where the objective has an IS estimate (elbo)
+        "iw_chunk": 64,          # importance samples per forward pass
     },
     "sample": {
         "n": 64,
@@ -94,7 +101,8 @@ OPTIONAL_TYPES = {
 }
 
 CHOICES = {
-    ("data", "name"): ("cifar10", "npz", "mnist", "fashion_mnist"),
+    ("data", "name"): ("cifar10", "npz", "mnist", "fashion_mnist", "toy2d", "none"),
+    ("data", "toy"): toy2d.DATASETS,
     ("train", "optimizer"): ("adam", "adamw", "adamax"),
     ("train", "schedule"): ("constant", "cosine", "exponential"),
     ("train", "mixed_precision"): ("no", "bf16"),
@@ -140,8 +148,8 @@ def _dequantizer_defaults(name, given) -> tuple[dict, dict]:
     kind = given.get("kind") if isinstance(given, dict) else None
     if kind is not None and kind not in choices["kind"]:
         if choices["kind"] == ("none",):
-            raise FlowlabError(f"model '{name}' takes no dequantizer (discrete data): drop dequantizer.kind "
-                               f"{kind!r} (or set it to 'none')")
+            raise FlowlabError(f"model '{name}' takes no dequantizer (it models its data as they are: integers, "
+                               f"vectors or binary pixels): drop dequantizer.kind {kind!r} (or set it to 'none')")
         raise FlowlabError(f"model '{name}' supports dequantizer.kind {' | '.join(choices['kind'])}, got {kind!r}")
     return defaults, choices
 

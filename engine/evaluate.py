@@ -1,4 +1,4 @@
-"""Test-set bits/dim over a whole split, sharded over processes and gathered.
+"""Test-set bits/dim (and any per-example score) over a whole split, sharded over processes and gathered.
 
 Every example of the split is scored exactly once (no padding, no duplicates), with
 a fixed seed for the dequantization noise so the number is reproducible.
@@ -7,6 +7,10 @@ With ``iw_samples = K > 1`` (models with stochastic dequantization) each example
 log-likelihood is the importance-weighted bound ``Flow.log_prob_iw`` over K noise draws,
 ``iw_chunk`` draws per forward; a forward then holds ``max(1, batch_size // iw_chunk)``
 images times ``iw_chunk`` draws, so memory stays that of ``batch_size`` for any K.
+
+``evaluate_scores(score, ...)`` does the same for any per-example scores
+``score(model, x) -> {name: (B,)}`` (the objectives' test numbers: NLL in nats, -ELBO and
+the importance-sampled -log p(x), the reverse-KL loss on fresh samples).
 """
 from __future__ import annotations
 
@@ -80,3 +84,49 @@ def evaluate_bpd(model, images: torch.Tensor, batch_size: int, accelerator=None,
     return {"bpd": mean, "stderr": stderr, "n": int(idx.numel()), "nonfinite": int((~torch.isfinite(bpd)).sum()),
             "iw_samples": iw_samples}
 
+
+
+@torch.no_grad()
+def per_example_scores(score, model, examples: torch.Tensor, batch_size: int, device, rank: int = 0,
+                       world_size: int = 1, seed: int = 0, autocast=contextlib.nullcontext):
+    """(indices, {name: values}) of this rank's share of ``examples``, where
+    ``score(model, x) -> {name: (B,) tensor}`` scores a batch (under the eval noise stream
+    ``eval_seed(seed, rank)``, model in eval mode)."""
+    was_training = model.training
+    model.eval()
+    idx_out, out = [], {}
+    with seeded(eval_seed(seed, rank), torch.device(device)):
+        for idx in eval_batches(examples.shape[0], batch_size, rank, world_size):
+            if idx.numel() == 0:
+                continue
+            with autocast():
+                scores = score(model, examples[idx].to(device))
+            for name, value in scores.items():
+                out.setdefault(name, []).append(value.detach().double().cpu())
+            idx_out.append(idx)
+    model.train(was_training)
+    if not idx_out:
+        return torch.zeros(0, dtype=torch.long), {}
+    return torch.cat(idx_out), {name: torch.cat(v) for name, v in out.items()}
+
+
+def evaluate_scores(score, model, examples: torch.Tensor, batch_size: int, accelerator=None, seed: int = 0) -> dict:
+    """Mean +- standard error of each per-example score over ``examples`` (sharded over the
+    accelerator's processes and gathered; all ranks must call it): ``{"n": N, "nonfinite":
+    examples with a non-finite score, name: mean, name + "_stderr": its standard error}``."""
+    if accelerator is None:
+        idx, scores = per_example_scores(score, model, examples, batch_size, next(model.parameters()).device, seed=seed)
+    else:
+        from accelerate.utils import gather_object
+        idx, scores = per_example_scores(score, model, examples, batch_size, accelerator.device,
+                                         accelerator.process_index, accelerator.num_processes, seed,
+                                         accelerator.autocast)
+        parts = [p for p in gather_object([(idx, scores)]) if p[0].numel()]
+        idx = torch.cat([p[0] for p in parts])
+        scores = {name: torch.cat([p[1][name] for p in parts]) for name in parts[0][1]}
+    assert idx.numel() == examples.shape[0] and torch.unique(idx).numel() == idx.numel(), "eval must cover each example once"
+    result = {"n": int(idx.numel()), "nonfinite": 0}
+    for name, values in scores.items():
+        result[name], result[f"{name}_stderr"] = mean_and_stderr(values)
+        result["nonfinite"] = max(result["nonfinite"], int((~torch.isfinite(values)).sum()))
+    return result

@@ -35,3 +35,19 @@ def save_grid(rows: list[torch.Tensor], path: str) -> None:
 def grid_layout(n: int, num_rows: int) -> int:
     """Images per row when ``n`` images are spread over ``num_rows`` rows."""
     return max(1, -(-n // max(1, num_rows)))
+
+
+def save_sample_grid(draw, num_bits: int, n: int, temperatures, path: str) -> dict:
+    """One row of ``draw(per_row, temperature)`` samples (integers in [0, 2^num_bits)) per
+    temperature, ``n`` images in all, saved as a PNG grid at ``path``.
+
+    Returns ``{"path", "tb_image"`` (the grid as a (C, H, W) uint8 tensor), ``"nonfinite"``
+    (non-finite pixels, shown black)``}``."""
+    per_row = grid_layout(n, len(temperatures))
+    rows, bad = [], 0
+    for temp in temperatures:
+        images, n_bad = to_uint8(draw(per_row, temp), num_bits)
+        rows.append(images)
+        bad += n_bad
+    save_grid(rows, path)
+    return {"path": path, "tb_image": make_grid(torch.cat(rows), nrow=per_row), "nonfinite": bad}

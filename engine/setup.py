@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from data import load_dataset
+from data import VECTOR_LOADERS, load_dataset
 from common.errors import FlowlabError
 from engine.objectives import Objective, build_objective
 from engine.sections import RunConfig
@@ -14,7 +14,15 @@ from models.architectures import build_model
 
 
 def load_data(cfg: RunConfig | dict):
+    """The ``data`` section's data set: an ``ImageDataset`` (integer images) or, for the vector
+    data sets (``data.name=toy2d`` with ``data.toy``, ``data.n_train``, ``data.n_test``;
+    ``data.name=none`` with ``data.dim``), a ``VectorDataset``."""
     d = RunConfig.of(cfg).data
+    if d.name in VECTOR_LOADERS:
+        if d.hflip or d.translate > 0:
+            raise FlowlabError(f"data.hflip and data.translate augment images; data.name={d.name} holds vectors")
+        return load_dataset(d.name, max_train=d.max_train, max_test=d.max_test, toy=d.toy, n_train=d.n_train,
+                            n_test=d.n_test, dim=d.dim)
     return load_dataset(d.name, root=d.root, path=d.path, download=d.download, n_bits=d.n_bits,
                         max_train=d.max_train, max_test=d.max_test)
 

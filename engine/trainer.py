@@ -2,9 +2,13 @@
 
 It knows the objective (``engine.objectives``: ``objective(model, batch) -> (loss, logs)``,
 by default bits/dim plus the auxiliary losses of ``model(x, return_aux=True)``) and the
-hooks of ``models.core.flow`` (which gathers them from the layers), and calls them
-unconditionally.  One process, several GPUs or several nodes: start it with
-``accelerate launch``.  It reads the typed config (``engine.sections.RunConfig``); the
+model hooks of ``models.core.hooks`` (which ``Flow`` and the flow-VAE gather from their
+layers), and calls them unconditionally.  What a batch is, what is evaluated and what a
+sample is, it asks the objective: ``objective.start_step(step)`` before each optimizer step
+(annealing), ``objective.draw_batch`` when the data set has no examples (energy fits draw
+from the model's base), ``objective.evaluate`` (test bits/dim, NLL, -ELBO and IS -log p(x),
+reverse KL) and ``objective.save_samples`` (image grids, 2-D figures).  One process, several
+GPUs or several nodes: start it with ``accelerate launch``.  It reads the typed config (``engine.sections.RunConfig``); the
 checkpoint's and the EMA's formats belong to ``engine.checkpoint`` and ``engine.ema``.
 
 Per optimizer step: the global batch ``train.batch_size`` is split over processes and,
@@ -34,8 +38,7 @@ from engine.checkpoint import TrainingState, checkpoint_path
 from engine.config import save_config
 from engine.ema import EMA
 from common.errors import FlowlabError
-from engine.evaluate import evaluate_bpd, seeded
-from engine.images import grid_layout, save_grid, to_uint8
+from engine.evaluate import seeded
 from engine.schedule import learning_rate
 from engine.sections import RunConfig
 from engine.setup import count_parameters, load_data, make_model, make_objective, make_optimizer
@@ -50,8 +53,9 @@ def _step_seed(seed: int, step: int, rank: int, micro: int = 0) -> int:
 class Trainer:
     def __init__(self, cfg: RunConfig | dict, run_dir: str, resume: TrainingState | None = None, data=None,
                  tensorboard: bool = True, objective=None):
-        """``data`` (an ``ImageDataset``) replaces the config's data set (benchmarks use this);
-        ``objective`` the config's objective; ``resume`` continues a checkpointed run."""
+        """``data`` (an ``ImageDataset`` or ``VectorDataset``) replaces the config's data set
+        (benchmarks use this); ``objective`` the config's objective; ``resume`` continues a
+        checkpointed run."""
         from accelerate import Accelerator, DistributedDataParallelKwargs
 
         self.cfg, self.run_dir = RunConfig.of(cfg), run_dir
@@ -69,6 +73,7 @@ class Trainer:
         self.data = data if data is not None else load_data(self.cfg)
         self.model = make_model(self.cfg, self.data.shape, self.data.n_bits)
         self.objective = objective if objective is not None else make_objective(self.cfg)
+        self.objective.check(self.data, self.model)
         self.step, self.images_seen, self.nonfinite_total = 0, 0, 0
         if resume is not None:
             resume.restore(model=self.model)
@@ -81,7 +86,9 @@ class Trainer:
             resume.restore(optimizer=self.optimizer, ema=self.ema)
             self.step, self.images_seen, self.nonfinite_total = resume.step, resume.images_seen, resume.nonfinite_total
         self.wrapped, self.optimizer = self.acc.prepare(self.model, self.optimizer)
-        self.batches = ShardedBatches(self.data.train.shape[0], t.batch_size, t.seed, self.rank, self.world)
+        # no data set (energy fits): the objective draws each batch itself (``_batch``)
+        self.batches = (None if self.data.train is None else
+                        ShardedBatches(self.data.train.shape[0], t.batch_size, t.seed, self.rank, self.world))
         self.writer = None
         if self.acc.is_main_process and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -89,11 +96,15 @@ class Trainer:
 
     # --- set-up ----------------------------------------------------------------------
     def _data_init(self) -> None:
-        """Data-dependent init on one seeded batch, on the device, identical on every rank, before wrapping."""
+        """Data-dependent init on one seeded batch, on the device, identical on every rank, before wrapping
+        (without a data set: a batch the objective draws)."""
         t = self.cfg.train
-        n = min(t.init_batch_size, self.data.train.shape[0])
         g = torch.Generator().manual_seed(t.seed)
-        x = self.data.train[torch.randperm(self.data.train.shape[0], generator=g)[:n]].to(self.acc.device)
+        if self.data.train is None:
+            x = self.objective.draw_batch(self.model, t.init_batch_size, g).to(self.acc.device)
+        else:
+            n = min(t.init_batch_size, self.data.train.shape[0])
+            x = self.data.train[torch.randperm(self.data.train.shape[0], generator=g)[:n]].to(self.acc.device)
         with seeded(t.seed, self.acc.device):
             self.model.data_init(x)
 
@@ -103,10 +114,14 @@ class Trainer:
 
     # --- one step --------------------------------------------------------------------------
     def _batch(self, step: int) -> torch.Tensor:
-        """This rank's share of the global batch of ``step`` (augmented, on the device)."""
+        """This rank's share of the global batch of ``step`` (augmented images, on the device);
+        without a data set the objective draws it from (seed, step, rank)."""
+        if self.data.train is None:
+            g = torch.Generator().manual_seed(_step_seed(self.cfg.train.seed, step, self.rank))
+            return self.objective.draw_batch(self.model, self.cfg.train.batch_size // self.world, g).to(self.acc.device)
         x = self.data.train[self.batches.indices(step)]
         d = self.cfg.data
-        if d.hflip or d.translate > 0:
+        if self.data.kind == "image" and (d.hflip or d.translate > 0):
             g = torch.Generator().manual_seed(_step_seed(self.cfg.train.seed, step, self.rank))
             x = augment(x, d.hflip, d.translate, g)
         return x.to(self.acc.device)
@@ -148,6 +163,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(step, t.lr, t.warmup_steps, t.steps, t.schedule, t.decay_rate,
                                         t.decay_every_steps)
+        self.objective.start_step(step)
         logs = self.accumulate_gradients(step)
         if logs is None:
             return None
@@ -187,39 +203,34 @@ class Trainer:
         return self.ema.swapped_in(self.model) if self.ema is not None else contextlib.nullcontext(self.model)
 
     def evaluate(self) -> dict:
-        e = self.cfg.eval
-        test = self.data.test
-        if e.max_examples:
-            test = test[: e.max_examples]
+        """The objective's test numbers (``objective.evaluate``: bits/dim for images, NLL for
+        vectors, -ELBO and IS -log p(x) for the VAE, reverse KL on fresh samples), each
+        recorded as ``test/<name>``; all ranks must call it."""
         with self._eval_model() as model:
-            result = evaluate_bpd(model, test, e.batch_size, self.acc, seed=self.cfg.train.seed)
-        self._record("test/bpd", result["bpd"])
-        self.log(f"step {self.step}: test bpd {result['bpd']:.4f} ± {result['stderr']:.4f} (n={result['n']}, EMA={'on' if self.ema else 'off'})")
+            result = self.objective.evaluate(model, self.data, self.cfg.eval, self.acc, seed=self.cfg.train.seed)
+        for name, value in result["metrics"].items():
+            self._record(f"test/{name}", value)
+        self.log(f"step {self.step}: test {result['line']} (n={result['n']}, EMA={'on' if self.ema else 'off'})")
         return result
 
     def save_samples(self) -> str | None:
+        """What the objective draws (``objective.save_samples``: a PNG grid per temperature for
+        images, the density / samples figure for 2-D vectors) into ``samples/step_N.png``."""
         if not self.acc.is_main_process:
             return None
-        temps, n = self.cfg.sample.temperatures, self.cfg.sample.n
-        per_row = grid_layout(n, len(temps))
-        rows, bad = [], 0
+        os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
+        stem = os.path.join(self.run_dir, "samples", f"step_{self.step:07d}")
         with self._eval_model() as model, torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.train.seed)
             model.eval()
-            for temp in temps:
-                images, n_bad = to_uint8(model.sample(per_row, temperature=temp), self.data.n_bits)
-                rows.append(images)
-                bad += n_bad
+            out = self.objective.save_samples(model, self.data, self.cfg.sample, stem)
             model.train()
-        os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
-        path = os.path.join(self.run_dir, "samples", f"step_{self.step:07d}.png")
-        save_grid(rows, path)
-        if self.writer is not None:
-            from torchvision.utils import make_grid
-            self.writer.add_image("samples", make_grid(torch.cat(rows), nrow=per_row), self.images_seen)
+        path, bad, what = out["path"], out["nonfinite"], out["nonfinite_what"]
+        if self.writer is not None and out.get("tb_image") is not None:
+            self.writer.add_image("samples", out["tb_image"], self.images_seen)
         if bad:
-            self.log(f"warning: {bad} non-finite sample pixels at step {self.step} (shown black in {path})")
-        self._record("samples/nonfinite_pixels", bad)
+            self.log(f"warning: {bad} non-finite sample {what} at step {self.step} ({out['nonfinite_note']} in {path})")
+        self._record(f"samples/nonfinite_{what}", bad)
         return path
 
     def save(self) -> None:
@@ -272,16 +283,18 @@ class Trainer:
             window_images += t.batch_size
             if last is not None and (self.step % t.log_every == 0 or self.step >= t.steps):
                 elapsed = time.perf_counter() - window_start
-                bpd = self.acc.reduce(last["bpd"].reshape(1), reduction="mean").item()
+                main = self.objective.metric  # bpd, nll, nelbo, reverse_kl
+                value = self.acc.reduce(last[main].reshape(1).float(), reduction="mean").item()
                 img_s = window_images / max(elapsed, 1e-9)
-                for name, value in [("train/bpd", bpd), ("train/lr", last["lr"]), ("train/grad_norm", float(last["grad_norm"])),
-                                    ("train/img_per_s", img_s), ("train/nonfinite_steps", self.nonfinite_total)]:
-                    self._record(name, value)
-                for name in (k for k in last if k.startswith("aux/")):  # weighted auxiliary losses (RNODE, ...)
+                for name, v in [(f"train/{main}", value), ("train/lr", last["lr"]), ("train/grad_norm", float(last["grad_norm"])),
+                                ("train/img_per_s", img_s), ("train/nonfinite_steps", self.nonfinite_total)]:
+                    self._record(name, v)
+                for name in (k for k in last if k not in (main, "lr", "grad_norm")):  # the objective's other logs:
+                    # weighted auxiliary losses (RNODE, ...), the ELBO's terms, beta
                     self._record(f"train/{name}", self.acc.reduce(last[name].reshape(1).float(), reduction="mean").item())
-                for name, value in self.model.diagnostics_summary().items():
-                    self._record(f"diag/{name}", value)
-                bar.set_postfix(bpd=f"{bpd:.3f}", img_s=f"{img_s:.1f}")
+                for name, v in self.model.diagnostics_summary().items():
+                    self._record(f"diag/{name}", v)
+                bar.set_postfix(**{main: f"{value:.3f}"}, img_s=f"{img_s:.1f}")
                 window_start, window_images = time.perf_counter(), 0
             if t.layer_stats_every > 0 and self.step % t.layer_stats_every == 0:
                 self.record_layer_stats()

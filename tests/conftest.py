@@ -14,6 +14,8 @@
   On CUDA the session uses deterministic kernels (cuDNN's, and
   ``torch.use_deterministic_algorithms`` with warnings for ops that have none): the
   contract checks that a seed reproduces ``log_prob`` exactly.
+* ``one_thread`` (opt-in): torch on one thread for the test (restored afterwards); small
+  models train many times faster so on a shared CPU than with threads fighting for cores.
 """
 from __future__ import annotations
 
@@ -92,3 +94,13 @@ def float64():
         yield torch.float64
     finally:
         torch.set_default_dtype(previous)
+
+
+@pytest.fixture
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

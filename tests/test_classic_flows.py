@@ -322,12 +322,41 @@ def test_made_explicit_ordering_and_bad_ordering():
         MADE(3, (8,), ordering=torch.tensor([1, 1, 2]))
 
 
+# ---- the shared builder of vector layers (models/builders/vector_layers.py) --------------------------
+
+@pytest.mark.parametrize("flow,kind", [(f, "orthogonal") for f in ("realnvp", "nice", "maf", "iaf", "planar", "radial")]
+                         + [("sylvester", k) for k in ("orthogonal", "householder", "triangular")])
+def test_every_layer_of_the_shared_vector_builder_is_invertible_with_exact_ldj(flow, kind, float64):
+    from models.builders.vector_layers import vector_layers
+
+    layers = vector_layers(flow, D, 3, hidden_channels=16, kind=kind, ortho_vectors=4 if kind == "orthogonal" else 0)
+    assert len(layers) == 3 + (flow == "nice")
+    x = 1.5 * torch.randn(4, D)
+    for layer in layers:
+        perturb_parameters(layer, std=0.3)  # off the near-identity initialisation (MADE outputs, zero-init MLPs)
+        assert_invertible(layer, x, atol=1e-7)
+        assert_ldj_matches_jacobian(layer, x, atol=1e-8)
+        x = layer(x)[0].detach()
+
+
+@pytest.mark.parametrize("flow", ["maf", "iaf", "planar", "radial"])
+def test_amortised_layers_of_the_shared_builder_invert_given_their_context(flow, float64):
+    from models.builders.vector_layers import vector_layers
+
+    ctx = torch.randn(4, 5)
+    for layer in vector_layers(flow, D, 2, hidden_channels=16, context_features=5):
+        perturb_parameters(layer, std=0.3)
+        assert_invertible(layer, torch.randn(4, D), atol=1e-7, context=ctx)
+    with pytest.raises(ValueError, match="sylvester layers take no context"):
+        vector_layers("sylvester", D, 1, context_features=5)
+
+
 def test_maf_iaf_benchmark_prints_the_trade_off(capsys):
     from benchmarks import maf_iaf
 
-    rows = maf_iaf.main(["--dims", "2", "24", "--batch", "8", "--hidden", "16", "--repeats", "1"])
+    rows = maf_iaf.main(["--dims", "2", "24", "--batch", "8", "--repeats", "1", "model.hidden_channels=16"])
     out = capsys.readouterr().out
-    assert "| 24 |" in out and "MAF density" in out and len(rows) == 2
+    assert "| 24 |" in out and "MAF density" in out and "MADE hidden 16x2" in out and len(rows) == 2
     # the trade-off itself, counted in MADE passes (timings on a shared CPU are too noisy to assert)
     flows = {kind: maf_iaf.build(kind, 24, 2, 16) for kind in ("maf", "iaf")}
     counts = {}

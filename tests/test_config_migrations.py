@@ -83,8 +83,11 @@ def _shapes(model):
     return [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
 
 
+BORN_IN_V2 = {"vector_flow", "flow_vae"}  # families registered with the Contract v2 names: no old configs
+
+
 def test_every_family_has_an_old_config_here():
-    assert {old["name"] for old, *_ in OLD.values()} == set(ARCHITECTURES)
+    assert {old["name"] for old, *_ in OLD.values()} == set(ARCHITECTURES) - BORN_IN_V2
 
 
 @pytest.mark.parametrize("name", sorted(OLD))

@@ -201,7 +201,23 @@ def test_cifar10_layout_via_torchvision(monkeypatch):
     assert ds.train[:, 2].eq(3).all() and "CIFAR-10 (torchvision, 5 train / 2 test)" in ds.source
 
 
-@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="dataset-fashion-mnist not installed")
-def test_fashion_mnist_from_debian_package(tmp_path):
-    ds = load_dataset("fashion_mnist", root=str(tmp_path), download=False, max_test=100)
-    assert ds.train.shape == (60000, 1, 28, 28) and ds.test.shape == (100, 1, 28, 28) and ds.num_dims == 784
+def test_fashion_mnist_loader_reads_the_idx_files(tmp_path, monkeypatch):
+    """Tiny files in the real format (gzipped IDX, big-endian header, as Debian's
+    dataset-fashion-mnist and torchvision ship them), in the system folder and under data.root."""
+    rng = np.random.default_rng(2)
+    train, test = (rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for n in (7, 4))
+    system = tmp_path / "usr_share_datasets_fashion-mnist"
+    system.mkdir()
+    _write_idx(system / "train-images-idx3-ubyte.gz", train)
+    _write_idx(system / "t10k-images-idx3-ubyte.gz", test)
+    monkeypatch.setattr("data.datasets.SYSTEM_DIRS", {"FashionMNIST": [str(system)]})
+    ds = load_dataset("fashion_mnist", root=str(tmp_path / "empty"), download=False, max_test=3, n_bits=1)
+    assert ds.train.shape == (7, 1, 28, 28) and ds.test.shape == (3, 1, 28, 28) and ds.num_dims == 784
+    assert torch.equal(ds.train[:, 0], torch.from_numpy(train >= 128).to(torch.uint8))  # n_bits=1: pixel >= 128
+    assert "Fashion-MNIST (IDX, 7 train / 4 test)" in ds.source and str(system) in ds.source
+    raw = tmp_path / "root" / "FashionMNIST" / "raw"  # torchvision's layout under data.root
+    raw.mkdir(parents=True)
+    _write_idx(raw / "train-images-idx3-ubyte", train[:2])
+    _write_idx(raw / "t10k-images-idx3-ubyte", test[:2])
+    ds = load_dataset("fashion_mnist", root=str(tmp_path / "root"), download=False)
+    assert np.array_equal(ds.test[:, 0].numpy(), test[:2])

@@ -64,10 +64,13 @@ def test_objective_section_is_checked_like_model_keys():
     glow = {"model": {"name": "glow"}}
     assert resolve(glow)["objective"] == {"name": "bpd"}
     assert resolve({**glow, "objective": {"name": "bpd"}})["objective"] == {"name": "bpd"}
-    with pytest.raises(FlowlabError, match="unknown objective.name 'elbo'; known: bpd"):
-        resolve({**glow, "objective": {"name": "elbo"}})
+    with pytest.raises(FlowlabError, match="unknown objective.name 'hinge'; known: bpd, elbo, nll, reverse_kl"):
+        resolve({**glow, "objective": {"name": "hinge"}})
     with pytest.raises(FlowlabError, match="unknown config key 'objective.beta'"):
         resolve({**glow, "objective": {"beta": 1.0}})
+    assert resolve({**glow, "objective": {"name": "elbo"}})["objective"] == {"name": "elbo", "anneal_steps": 10000}
+    with pytest.raises(FlowlabError, match="'objective.energy' must be one of"):
+        resolve({**glow, "objective": {"name": "reverse_kl", "energy": "u9"}})
     assert OBJECTIVES["bpd"] is BitsPerDim
     assert isinstance(make_objective(resolve(glow)), BitsPerDim)
 

@@ -2,9 +2,10 @@
 ``model`` section), ``DEQUANTIZERS`` (the ``dequantizer.kind`` values it supports, the
 first its default; ``("none",)`` for a discrete family), optionally
 ``DEQUANTIZER_DEFAULTS`` (its own defaults for the dequantizer's knobs), and
-``build(cfg, data_shape, num_bits, dequantizer) -> Flow``.  A family builds from
-``models.builders``, ``models.core``, ``models.nets`` and ``models.transforms`` only, never
-from another family.  A new family is a new module here plus one line in
+``build(cfg, data_shape, num_bits, dequantizer) -> Flow`` (a model that is not a flow, the
+flow-VAE, returns a ``models.core.hooks.LayerHooks``).  A family builds from
+``models.builders``, ``models.core``, ``models.nets``, ``models.transforms`` and
+``models.vae`` only, never from another family.  A new family is a new module here plus one line in
 ``ARCHITECTURES``; the trainer, CLIs and config checks pick it up."""
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ ARCHITECTURES = {
     "ffjord": "models.architectures.ffjord",
     "idf": "models.architectures.idf",
     "argmax": "models.architectures.argmax",
+    "vector_flow": "models.architectures.vector_flow",
+    "flow_vae": "models.architectures.flow_vae",
 }
 
 

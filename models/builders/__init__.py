@@ -7,4 +7,5 @@ A family module imports from here (and from ``models.core``, ``models.nets`` and
     dequantizer.py    the ``dequantizer:`` config section (uniform | variational | argmax) and its builder
     flowpp_steps.py   Flow++'s coupling steps (the Flow++ family and the conditional dequantizer flow)
     glow_levels.py    Glow's multi-scale levels (the glow and argmax families)
+    vector_layers.py  flow layers over vectors (the vector_flow family, the flow-VAE's posterior, benchmarks)
 """

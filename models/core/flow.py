@@ -8,10 +8,11 @@ split priors) is some transform's ``ldj``, so bits/dim is one function of
 
 ``forward(x)`` returns ``log_prob(x)`` (with ``return_aux=True`` also the auxiliary
 losses of that very forward), so a DistributedDataParallel wrapper's forward really
-runs the model.  The trainer calls ``forward`` and the hooks below unconditionally;
-each hook gathers the layers' own hooks (``models.core.transform``) over every
-``Transform`` among the modules, nested ones included, names prefixed with the
-layer's path (e.g. ``transforms.3.nfe_forward``):
+runs the model.  The trainer calls ``forward`` and the hooks below unconditionally
+(``models.core.hooks.LayerHooks``, shared with models that are not flows); each hook
+gathers the layers' own hooks (``models.core.transform``) over every ``Transform`` among
+the modules, nested ones included, names prefixed with the layer's path (e.g.
+``transforms.3.nfe_forward``):
 
     data_init(x)             layers' ``data_init()``, then one forward for data-dependent
                              init (skipped when no layer needs it); same batch on every rank
@@ -25,20 +26,29 @@ What the per-image number is, asked in one place: ``is_stochastic`` (a layer dra
 noise: a single-sample bound), ``is_exact`` (every log-det exact, no noise),
 ``is_discrete`` (integers to integers: an exact discrete log P(x), a code length), and
 ``likelihood_kind`` combining them.
+
+The push-forward view (reverse KL, variational inference; Rezende & Mohamed 2015,
+arXiv:1505.05770 §3-4) uses the layers' ``forward`` as the sampling map from the base:
+
+    x = T(z0),  z0 ~ p_base,        log q(x) = log p_base(z0) - sum_k ldj_k(z_{k-1})
+
+``push_forward(z0)`` gives (x, log q(x)) with gradients (also as ``model(z0, as_sampler=True)``,
+so a DistributedDataParallel wrapper runs it), ``push_forward_log_prob(x)`` the density
+of those samples at given points (z0 found through the layers' inverses).
 """
 from __future__ import annotations
 
 import math
 
 import torch
-from torch import nn
 
 from models.core.compose import Compose
 from models.core.distributions import Distribution
+from models.core.hooks import LayerHooks
 from models.core.transform import Transform
 
 
-class Flow(nn.Module):
+class Flow(LayerHooks):
     def __init__(self, transforms: list[Transform], base: Distribution, data_shape: tuple[int, ...]):
         super().__init__()
         self.transforms = transforms if isinstance(transforms, Compose) else Compose(transforms)
@@ -52,10 +62,6 @@ class Flow(nn.Module):
     def num_dims(self) -> int:
         return math.prod(self.data_shape)
 
-    def layers(self):
-        """(name, Transform) of every transform among the modules, nested ones included."""
-        return [(name, m) for name, m in self.named_modules() if isinstance(m, Transform) and not isinstance(m, Compose)]
-
     # --- density -----------------------------------------------------------------
     def log_prob_aux(self, x: torch.Tensor, context: torch.Tensor | None = None):
         """(log p(x) of shape (B,), float32; auxiliary losses of this forward, names prefixed)."""
@@ -68,8 +74,26 @@ class Flow(nn.Module):
         z, ldj = self.transforms(x, context)
         return ldj.to(torch.promote_types(ldj.dtype, torch.float32)) + self.base.log_prob(z)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, return_aux: bool = False):
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, return_aux: bool = False,
+                as_sampler: bool = False):
+        """``log_prob(x)`` (with ``return_aux``: and the auxiliary losses); with ``as_sampler``,
+        ``x`` is base noise z0 and the result ``push_forward(z0)``."""
+        if as_sampler:
+            return self.push_forward(x, context)
         return self.log_prob_aux(x, context) if return_aux else self.log_prob(x, context)
+
+    # --- the push-forward (sampler) view ----------------------------------------------------
+    def push_forward(self, z0: torch.Tensor, context: torch.Tensor | None = None):
+        """(x, log q(x)) with x = T(z0) through the layers' forwards and
+        log q(x) = log p_base(z0) - sum_k ldj_k, both with gradients (reverse KL)."""
+        x, ldj = self.transforms(z0, context)
+        return x, self.base.log_prob(z0) - ldj.to(torch.promote_types(ldj.dtype, torch.float32))
+
+    @torch.no_grad()
+    def push_forward_log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """log q(x) of ``push_forward``'s samples at the points ``x``: z0 = T^-1(x) through the
+        layers' inverses, then log p_base(z0) - sum_k ldj_k."""
+        return self.push_forward(self.transforms.inverse(x, context), context)[1]
 
     # --- what the number is ------------------------------------------------------------
     @property
@@ -152,34 +176,9 @@ class Flow(nn.Module):
     def data_init(self, x: torch.Tensor) -> None:
         """Every layer's ``data_init()``, then one forward pass on ``x`` if a layer
         initialises from data (ActNorm)."""
-        for _, t in self.layers():
-            t.data_init()
+        super().data_init(x)
         if any(getattr(m, "needs_data_init", False) for m in self.modules()):  # layers and net layers (ActNorm2d)
             self.log_prob(x)
-
-    def after_optimizer_step(self) -> None:
-        for _, t in self.layers():
-            t.after_optimizer_step()
-
-    @torch.no_grad()
-    def diagnostics(self) -> dict[str, float]:
-        out = {}
-        for name, t in self.layers():
-            out.update({f"{name}.{k}": float(v) for k, v in t.diagnostics().items()})
-        return out
-
-    @torch.no_grad()
-    def diagnostics_summary(self) -> dict[str, float]:
-        """Each layer-level diagnostic over all layers reporting it: ``<name>/sum`` and
-        ``<name>/max`` (e.g. ``nfe_forward/sum``: the evaluations of all CNFs of a step)."""
-        grouped: dict[str, list[float]] = {}
-        for _, t in self.layers():
-            for k, v in t.diagnostics().items():
-                grouped.setdefault(k, []).append(float(v))
-        out = {}
-        for k, values in grouped.items():
-            out[f"{k}/sum"], out[f"{k}/max"] = sum(values), max(values)
-        return out
 
     @torch.no_grad()
     def layer_stats(self, x: torch.Tensor, context: torch.Tensor | None = None) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Variational auto-encoders whose approximate posterior is a normalizing flow."""
-from models.vae.flow_vae import FlowVAE, binarize, load_binarized_fashion_mnist
+"""Variational auto-encoders whose approximate posterior is a normalizing flow (no data loading here)."""
+from models.vae.flow_vae import FLOWS, FlowVAE
 
-__all__ = ["FlowVAE", "binarize", "load_binarized_fashion_mnist"]
+__all__ = ["FLOWS", "FlowVAE"]

@@ -5,5 +5,6 @@ They use the same ``Transform`` contract and ``Flow`` class as the image layers
 ``models.transforms.bijections``: masked affine/additive couplings (with
 ``masks.alternating``/``masks.half``), NICE's diagonal scaling, the batch-norm bijector,
 fixed permutations (``ChannelPermutation``) and learned ones (``InvertibleConv1x1`` /
-``InvertibleConv1x1LU``, which act on vectors as z = W x).
+``InvertibleConv1x1LU``, which act on vectors as z = W x).  Every family builds its vector
+layers with ``models.builders.vector_layers`` (the vector_flow family, the flow-VAE's posterior).
 """
