@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from engine.config import load_config
-from models.architectures import argmax, build_model, flowpp, glow
+from models.architectures import argmax, build_model, glow
 from models.builders.dequantizer import build_dequantizer
 from models.core.distributions import LearnedGaussian, StandardNormal
 from models.core.flow import Flow
