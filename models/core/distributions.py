@@ -65,7 +65,8 @@ class StandardNormal(Distribution):
         return gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
 
     def sample(self, n, temperature=1.0):
-        return temperature * torch.randn(n, *self.shape, device=self._device_ref.device)
+        ref = self._device_ref  # follows the model's device and dtype (model.to / model.double())
+        return temperature * torch.randn(n, *self.shape, device=ref.device, dtype=ref.dtype)
 
 
 class Uniform01(Distribution):
@@ -80,7 +81,7 @@ class Uniform01(Distribution):
         return torch.where(inside, 0.0, -math.inf).to(compute_dtype(z))
 
     def sample(self, n, temperature=1.0):
-        return torch.rand(n, *self.shape, device=self._device_ref.device)
+        return torch.rand(n, *self.shape, device=self._device_ref.device, dtype=self._device_ref.dtype)
 
 
 class LearnedGaussian(Distribution):

@@ -36,12 +36,13 @@ def make_ordering(dim: int, ordering="natural", seed: int = 0) -> torch.Tensor:
         if sorted(order.tolist()) != list(range(1, dim + 1)):
             raise ValueError("an explicit ordering must be a permutation of 1..D")
         return order
+    # (on the CPU explicitly: the masks are built from these even when the model is built on the meta device)
     if ordering == "natural":
-        return torch.arange(1, dim + 1)
+        return torch.arange(1, dim + 1, device="cpu")
     if ordering == "reverse":
-        return torch.arange(dim, 0, -1)
+        return torch.arange(dim, 0, -1, device="cpu")
     if ordering == "random":
-        return torch.randperm(dim, generator=torch.Generator().manual_seed(seed)) + 1
+        return torch.randperm(dim, generator=torch.Generator().manual_seed(seed), device="cpu") + 1
     raise ValueError(f"unknown ordering {ordering!r}")
 
 
@@ -50,20 +51,21 @@ class MADE(nn.Module):
                  ordering="natural", seed: int = 0, context_features: int | None = None):
         super().__init__()
         self.dim, self.params = dim, params
-        self.register_buffer("degrees", make_ordering(dim, ordering, seed))
-        degrees = [self.degrees]
-        low = int(self.degrees.min())
+        order = make_ordering(dim, ordering, seed).cpu()
+        self.register_buffer("degrees", order.clone())
+        degrees = [order]
+        low = int(order.min())
         for h in hidden:
             if dim > 1:
-                deg = torch.arange(h) % max(1, dim - 1) + low
+                deg = torch.arange(h, device="cpu") % max(1, dim - 1) + low
                 deg = deg.clamp(max=dim - 1)
             else:
-                deg = torch.zeros(h, dtype=torch.long)  # no input can feed any output
+                deg = torch.zeros(h, dtype=torch.long, device="cpu")  # no input can feed any output
             degrees.append(deg)
         layers = []
         for prev, cur in zip(degrees[:-1], degrees[1:]):
             layers.append(MaskedLinear(len(prev), len(cur), (cur[:, None] >= prev[None, :])))
-        out_mask = (self.degrees[:, None] > degrees[-1][None, :]).repeat(params, 1)  # (params*D, H)
+        out_mask = (order[:, None] > degrees[-1][None, :]).repeat(params, 1)  # (params*D, H)
         self.hidden_layers = nn.ModuleList(layers)
         self.out = MaskedLinear(len(degrees[-1]), params * dim, out_mask)
         with torch.no_grad():  # small outputs: each autoregressive layer starts near the identity
