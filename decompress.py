@@ -28,6 +28,8 @@ def main():
     args = p.parse_args()
     if not os.path.isfile(args.file):
         raise FlowlabError(f"file not found: {args.file}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise FlowlabError(f"--out {args.out} is a file; give a directory")
     cfg, model, _ = load_run(args.run, use_ema=not args.no_ema)
     with open(args.file, "rb") as f:
         blob = f.read()

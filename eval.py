@@ -3,6 +3,7 @@
     python eval.py RUN_DIR [--split test] [--json out.json]
     python eval.py --table RUN_DIR [RUN_DIR ...]
     python eval.py RUN_DIR --iw-samples 4096 [--iw-chunk 64]
+    python eval.py model.safetensors            # an exported (shared) model; or a checkpoint file (best.pt)
 
 bits/dim is the mean over the whole split +- its standard error; the output says whether
 each image's number is exact (IDF), an estimate (stochastic log-dets) or a bound.  For models with
@@ -23,7 +24,7 @@ import os
 
 import torch
 
-from engine.cli import run_cli
+from engine.cli import check_at_least, check_device, check_output_file, run_cli
 from common.errors import FlowlabError
 from engine.evaluate import evaluate_bpd
 from engine.run import load_run
@@ -39,19 +40,30 @@ def evaluate_run(run_dir: str, split: str, batch_size: int | None, device: str, 
     images = {"test": data.test, "train": data.train}[split]
     if max_examples:
         images = images[:max_examples]
+    if images.shape[0] == 0:
+        raise FlowlabError(f"the {split} split of {data.source} holds no images: nothing to evaluate")
     if tuple(images.shape[1:]) != tuple(model.data_shape):
         raise FlowlabError(f"data shape {tuple(images.shape[1:])} does not match the model's {model.data_shape}")
     batch_size = batch_size or cfg.eval.batch_size
     result = evaluate_bpd(model, images, batch_size, seed=cfg.train.seed)
+    _check_finite_result(result, run_dir, split)
     iw = None
     if iw_samples > 1 and model.is_stochastic:
         r = evaluate_bpd(model, images, batch_size, seed=cfg.train.seed + 1, iw_samples=iw_samples, iw_chunk=iw_chunk)
+        _check_finite_result(r, run_dir, split)
         iw = {"bpd": r["bpd"], "stderr": r["stderr"], "n": r["n"], "nonfinite": r["nonfinite"], "k": iw_samples,
               "bound": f"importance-weighted (K={iw_samples})"}
     return {"run": run_dir, "model": cfg.model["name"], "split": split, **result, "bound": bound_kind(model),
             "stochastic": model.is_stochastic, "iw": iw,
             "step": info["step"], "images_seen": info["images_seen"], "ema": info["ema"],
             "num_params": sum(p.numel() for p in model.parameters()), "data": data.source, "paper": cfg.paper.to_dict()}
+
+
+def _check_finite_result(result: dict, run_dir: str, split: str) -> None:
+    """A non-finite bits/dim is an error, not a number to report."""
+    if not math.isfinite(result["bpd"]):
+        raise FlowlabError(f"{run_dir}: {result['nonfinite']} of {result['n']} {split} images get a non-finite "
+                           f"bits/dim, so there is no {split} bpd to report")
 
 
 def _evaluate_objective(run_dir, cfg, model, info, data, split, batch_size, iw_samples, max_examples) -> dict:
@@ -94,7 +106,7 @@ def table(rows: list[dict]) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dirs", nargs="+")
+    parser.add_argument("run_dirs", nargs="+", help="run directories, checkpoint files or exported model.safetensors")
     parser.add_argument("--split", default="test", choices=["test", "train"])
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--table", action="store_true", help="print a markdown table of the runs against their papers")
@@ -110,8 +122,13 @@ def main():
     args = parser.parse_args()
     if len(args.run_dirs) > 1 and not args.table:
         raise FlowlabError("several run directories need --table")
-    if args.iw_samples < 1 or args.iw_chunk < 1:
-        raise FlowlabError("--iw-samples and --iw-chunk must be at least 1")
+    check_at_least(args.iw_samples, 1, "--iw-samples")
+    check_at_least(args.iw_chunk, 1, "--iw-chunk")
+    check_at_least(args.max_examples, 1, "--max-examples")
+    check_at_least(args.batch_size, 1, "--batch-size")
+    check_device(args.device)
+    if args.json:
+        check_output_file(args.json, "--json")
     rows = [evaluate_run(d, args.split, args.batch_size, args.device, not args.no_ema, args.iw_samples, args.iw_chunk,
                          args.max_examples) for d in args.run_dirs]
     if args.table:

@@ -1,6 +1,9 @@
 """Draw a PNG grid of samples from a trained run, one row per temperature.
 
     python sample.py RUN_DIR --n 64 --temperature 0.7 [--temperature 1.0 ...] --out grid.png
+    python sample.py model.safetensors --n 16 --out grid.png      # an exported (shared) model
+
+RUN_DIR may also be a checkpoint file (best.pt).
 
 Non-finite pixels are counted and reported (shown black), never silently clamped.
 A run of another objective (nll, elbo, reverse_kl) draws what its trainer draws
@@ -11,7 +14,7 @@ import dataclasses
 
 import torch
 
-from engine.cli import run_cli
+from engine.cli import check_at_least, check_device, check_number, check_output_file, run_cli
 from engine.images import save_grid, to_uint8
 from engine.run import load_run
 from engine.setup import load_data, make_objective
@@ -19,7 +22,7 @@ from engine.setup import load_data, make_objective
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir")
+    parser.add_argument("run_dir", help="run directory, checkpoint file or exported model.safetensors")
     parser.add_argument("--n", type=int, default=64, help="images per temperature row")
     parser.add_argument("--temperature", type=float, action="append", help="repeatable; default 0.7")
     parser.add_argument("--out", default="samples.png")
@@ -28,6 +31,13 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     temps = args.temperature or [0.7]
+    check_at_least(args.n, 1, "--n")
+    for temp in temps:
+        check_number(temp, "--temperature", minimum=0.0)
+    check_at_least(args.seed, 0, "--seed")
+    check_device(args.device)
+    from PIL import Image
+    check_output_file(args.out, "--out", tuple(Image.registered_extensions()))
     cfg, model, info = load_run(args.run_dir, use_ema=not args.no_ema, device=args.device)
     torch.manual_seed(args.seed)
     if cfg.objective["name"] != "bpd":

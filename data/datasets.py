@@ -85,6 +85,9 @@ def load_dataset(name: str, root: str = "datasets", path: str | None = None, dow
         if value is not None and value < 1:
             raise FlowlabError(f"data.{key} must be at least 1 or unset, got {value}")
     train, test, source = LOADERS[name](root, path, download)
+    for split, images in (("train", train), ("test", test)):
+        if len(images) == 0:
+            raise FlowlabError(f"data set {name!r} has no {split} images ({source})")
     if max_train is not None or max_test is not None:
         train, test = train[:max_train].copy(), test[:max_test].copy()  # don't pin the full arrays
         source += f"; using the first {len(train)} train / {len(test)} test"

@@ -28,10 +28,11 @@ import os
 import yaml
 
 from common.errors import FlowlabError
+from common.ranges import ANY, Range, above, at_least, between, each
 from data import toy2d
 from engine.config_migrations import upgrade
 from engine.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
-from models.architectures import ARCHITECTURES, architecture, dequantizer_section
+from models.architectures import ARCHITECTURES, architecture, dequantizer_ranges, dequantizer_section
 
 DEFAULTS = {
     "data": {
@@ -74,6 +75,10 @@ DEFAULTS = {
         "eval_every": 500,
         "sample_every": 500,
         "checkpoint_every": 500,
+        "keep_checkpoints": 1,   # most recent checkpoints kept (checkpoint.pt + checkpoints/step_*.pt)
+        "keep_best": True,       # also keep best.pt: the state with the lowest test bpd so far
+        "nonfinite_rollback": 0, # on max_nonfinite: roll back to the last good checkpoint up to N times (0 = stop)
+        "rollback_lr_factor": 0.5,  # ... multiplying the learning rate by this at each rollback
     },
     "eval": {
         "batch_size": 256,
@@ -109,6 +114,40 @@ CHOICES = {
 }
 
 
+# The valid range of every key of DEFAULTS that CHOICES does not restrict (common.ranges: a
+# number checked here must also be finite; ANY: strings / booleans, only the type is checked).
+# Model families, the dequantizer and objectives may declare theirs as ``RANGES`` too.
+RANGES = {
+    ("data", "root"): ANY, ("data", "path"): ANY, ("data", "download"): ANY,
+    ("data", "n_bits"): between(1, 8), ("data", "hflip"): ANY, ("data", "translate"): between(0, 0.5),
+    ("data", "max_train"): at_least(1), ("data", "max_test"): at_least(1),
+    ("data", "n_train"): at_least(1), ("data", "n_test"): at_least(1), ("data", "dim"): at_least(1),
+    ("train", "steps"): at_least(1), ("train", "batch_size"): at_least(1),
+    ("train", "grad_accum_steps"): at_least(1), ("train", "lr"): above(0),
+    ("train", "betas"): each(between(0, 1, hi_open=True), length=2), ("train", "eps"): above(0),
+    ("train", "weight_decay"): at_least(0), ("train", "warmup_steps"): at_least(0),
+    ("train", "decay_rate"): between(0, 1, lo_open=True), ("train", "decay_every_steps"): at_least(1),
+    ("train", "grad_clip"): at_least(0), ("train", "ema"): between(0, 1, hi_open=True),
+    ("train", "seed"): between(0, 2**63 - 1), ("train", "time_limit_minutes"): above(0),
+    ("train", "init_batch_size"): at_least(1), ("train", "max_nonfinite"): at_least(1),
+    ("train", "log_every"): at_least(1), ("train", "layer_stats_every"): at_least(0),
+    ("train", "eval_every"): at_least(0), ("train", "sample_every"): at_least(0),
+    ("train", "checkpoint_every"): at_least(0), ("train", "keep_checkpoints"): at_least(1),
+    ("train", "keep_best"): ANY, ("train", "nonfinite_rollback"): at_least(0),
+    ("train", "rollback_lr_factor"): between(0, 1, lo_open=True, hi_open=True),
+    ("eval", "batch_size"): at_least(1), ("eval", "max_examples"): at_least(1),
+    ("eval", "iw_samples"): at_least(1), ("eval", "iw_chunk"): at_least(1),
+    ("sample", "n"): at_least(1), ("sample", "temperatures"): each(at_least(0), min_length=1),
+    ("paper", "name"): ANY, ("paper", "bpd"): above(0), ("paper", "params"): at_least(1), ("paper", "source"): ANY,
+}
+
+
+def check_range(key: str, value, allowed: Range | None) -> None:
+    """A one-line error when ``value`` is outside ``allowed`` (see ``RANGES``)."""
+    if allowed is not None and not allowed.accepts(value):
+        raise FlowlabError(f"config key '{key}' must be {allowed}, got {value!r}")
+
+
 def _check_value(key: str, value, default):
     """Type-check ``value`` against the default's type; returns the (coerced) value."""
     if default is None or value is None:
@@ -135,11 +174,11 @@ def _check_value(key: str, value, default):
     return value
 
 
-def _model_defaults(name) -> tuple[dict, dict]:
-    if name not in ARCHITECTURES:
+def _model_defaults(name) -> tuple[dict, dict, dict]:
+    if not isinstance(name, str) or name not in ARCHITECTURES:
         raise FlowlabError(f"unknown model.name {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")
     module = architecture(name)
-    return {"name": name, **module.DEFAULTS}, getattr(module, "CHOICES", {})
+    return {"name": name, **module.DEFAULTS}, getattr(module, "CHOICES", {}), getattr(module, "RANGES", {})
 
 
 def _dequantizer_defaults(name, given) -> tuple[dict, dict]:
@@ -154,35 +193,42 @@ def _dequantizer_defaults(name, given) -> tuple[dict, dict]:
     return defaults, choices
 
 
-def _objective_defaults(given) -> tuple[dict, dict]:
-    """Keys and choices of the ``objective`` section of the objective ``given`` names."""
+def _objective_defaults(given) -> tuple[dict, dict, dict]:
+    """Keys, choices and ranges of the ``objective`` section of the objective ``given`` names."""
     name = given.get("name", DEFAULT_OBJECTIVE) if isinstance(given, dict) else DEFAULT_OBJECTIVE
-    if name not in OBJECTIVES:
+    if not isinstance(name, str) or name not in OBJECTIVES:
         raise FlowlabError(f"unknown objective.name {name!r}; known: {', '.join(sorted(OBJECTIVES))}")
     cls = OBJECTIVES[name]
-    return {"name": name, **copy.deepcopy(cls.DEFAULTS)}, dict(cls.CHOICES)
+    return {"name": name, **copy.deepcopy(cls.DEFAULTS)}, dict(cls.CHOICES), dict(getattr(cls, "RANGES", {}))
 
 
 def resolve(raw: dict) -> dict:
-    """Fill defaults into a raw config and check every key, type and choice."""
+    """Fill defaults into a raw config and check every key, type, choice and range."""
     if not isinstance(raw, dict):
-        raise FlowlabError("a config must be a mapping of sections (model, data, train, ...)")
+        raise FlowlabError(f"a config must be a mapping of sections (model, data, train, ...), got a "
+                           f"{type(raw).__name__}")
     raw = upgrade(raw)
     unknown = set(raw) - set(DEFAULTS) - {"model", "dequantizer", "objective"}
     if unknown:
         raise FlowlabError(f"unknown config section(s) {sorted(unknown)}; known: model, dequantizer, "
                            f"{', '.join(DEFAULTS)}, objective")
+    for section, given in raw.items():
+        if given is not None and not isinstance(given, dict):
+            raise FlowlabError(f"config section '{section}' must be a mapping of keys, got {given!r}")
     model_raw = raw.get("model") or {}
     if "name" not in model_raw:
         raise FlowlabError("config needs model.name (one of: " + ", ".join(sorted(ARCHITECTURES)) + ")")
-    model_defaults, model_choices = _model_defaults(model_raw["name"])
+    model_defaults, model_choices, model_ranges = _model_defaults(model_raw["name"])
     deq_defaults, deq_choices = _dequantizer_defaults(model_raw["name"], raw.get("dequantizer"))
-    objective_defaults, objective_choices = _objective_defaults(raw.get("objective"))
+    objective_defaults, objective_choices, objective_ranges = _objective_defaults(raw.get("objective"))
     sections = {"model": model_defaults, "dequantizer": deq_defaults, **copy.deepcopy(DEFAULTS),
                 "objective": objective_defaults}
     choices = {**CHOICES, **{("model", k): v for k, v in model_choices.items()},
                **{("dequantizer", k): v for k, v in deq_choices.items()},
                **{("objective", k): v for k, v in objective_choices.items()}}
+    ranges = {**RANGES, **{("model", k): v for k, v in model_ranges.items()},
+              **{("dequantizer", k): v for k, v in dequantizer_ranges().items()},
+              **{("objective", k): v for k, v in objective_ranges.items()}}
     resolved = {}
     for section, defaults in sections.items():
         given = raw.get(section) or {}
@@ -197,6 +243,7 @@ def resolve(raw: dict) -> dict:
             allowed = choices.get((section, key))
             if allowed is not None and value not in allowed:
                 raise FlowlabError(f"config key '{section}.{key}' must be one of {list(allowed)}, got {value!r}")
+            check_range(f"{section}.{key}", value, ranges.get((section, key)))
             out[key] = value
         resolved[section] = out
     return resolved
@@ -204,6 +251,9 @@ def resolve(raw: dict) -> dict:
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply ``section.key=value`` strings (values parsed as YAML) to a raw config."""
+    if not isinstance(raw, dict):
+        raise FlowlabError(f"a config must be a mapping of sections (model, data, train, ...), got a "
+                           f"{type(raw).__name__}")
     raw = copy.deepcopy(raw)
     for item in overrides:
         if "=" not in item:
@@ -217,8 +267,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         except yaml.YAMLError:
             raise FlowlabError(f"override {item!r}: value is not valid YAML") from None
         section = raw.setdefault(parts[0], {})
+        if section is None:
+            section = raw[parts[0]] = {}
         if not isinstance(section, dict):
-            raise FlowlabError(f"config section '{parts[0]}' must be a mapping")
+            raise FlowlabError(f"config section '{parts[0]}' must be a mapping of keys, got {section!r}")
         section[parts[1]] = value
     return raw
 
@@ -231,7 +283,11 @@ def _read_yaml(path: str):
             raw = yaml.safe_load(f)
     except yaml.YAMLError as e:
         raise FlowlabError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return raw or {}
+    except UnicodeDecodeError:
+        raise FlowlabError(f"config file {path} is not a text (YAML) file") from None
+    except OSError as e:
+        raise FlowlabError(f"cannot read config file {path}: {e.strerror}") from None
+    return {} if raw is None else raw
 
 
 def _data_path_from_file(raw: dict, path: str) -> None:
@@ -262,7 +318,8 @@ def load_yaml(path: str, _chain: tuple = ()) -> dict:
     ``data.path``\\ s resolved per file (see the module docstring)."""
     raw = _read_yaml(path)
     if not isinstance(raw, dict):
-        return raw  # resolve() says what is wrong with it
+        raise FlowlabError(f"config file {path} must hold a mapping of sections (model, data, train, ...), "
+                           f"not a {type(raw).__name__}")
     _data_path_from_file(raw, path)
     base = raw.pop("base", None)
     if base is None:

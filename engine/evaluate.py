@@ -18,6 +18,7 @@ import contextlib
 
 import torch
 
+from common.errors import FlowlabError
 from data import eval_batches
 from engine.metrics import bits_per_dim, mean_and_stderr
 
@@ -69,7 +70,9 @@ def evaluate_bpd(model, images: torch.Tensor, batch_size: int, accelerator=None,
     """Mean +- standard error of bits/dim over ``images``; all ranks must call it.
 
     ``iw_samples`` > 1: the importance-weighted bound with that many samples (needs
-    ``model.log_prob_iw``, i.e. an unwrapped ``Flow``)."""
+    ``model.log_prob_iw``, i.e. an unwrapped ``Flow``).  An empty ``images`` is a one-line error."""
+    if images.shape[0] == 0:
+        raise FlowlabError("no images to evaluate (the split is empty)")
     if accelerator is None:
         idx, bpd = per_example_bpd(model, images, batch_size, next(model.parameters()).device, seed=seed,
                                    iw_samples=iw_samples, iw_chunk=iw_chunk)

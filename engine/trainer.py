@@ -19,7 +19,16 @@ on each, into ``train.grad_accum_steps`` = N micro-batches of
 
 (``no_sync`` on the first N - 1 micro-batches).  A non-finite loss or gradient skips the
 step on every rank together; then gradient clipping, the optimizer step, EMA and the
-after-step hooks.  Progress is counted in images seen.  All randomness of micro-batch
+after-step hooks.  Progress is counted in images seen.
+
+Checkpoints (``save``) are written only from a good state: not inside a non-finite streak,
+finite weights, and a finite loss and gradient on the next step's batch, so a diverging run
+never replaces the last good checkpoint; ``engine.checkpoint_store`` keeps the last
+``train.keep_checkpoints``, ``best.pt`` (lowest test bpd) and ``model.safetensors``.
+``train.max_nonfinite`` consecutive skipped steps stop the run, or, with
+``train.nonfinite_rollback=N``, roll it back to the last good checkpoint with the learning
+rate times ``train.rollback_lr_factor`` (N times at most).  ``run_training`` holds the run
+directory's lock (``engine.run_lock``) for the whole run.  All randomness of micro-batch
 ``i`` of step ``s`` on rank ``r`` comes from (seed, s, r, i), so a resumed run draws the
 same noise as an uninterrupted one (and N = 1 the noise it always drew).
 """
@@ -34,11 +43,14 @@ import time
 import torch
 
 from data import ShardedBatches, augment
+from engine import metrics_log
 from engine.checkpoint import TrainingState, checkpoint_path
+from engine.checkpoint_store import CheckpointStore, clean_temp_files
 from engine.config import save_config
 from engine.ema import EMA
 from common.errors import FlowlabError
 from engine.evaluate import seeded
+from engine.run_lock import RunLock
 from engine.schedule import learning_rate
 from engine.sections import RunConfig
 from engine.setup import count_parameters, load_data, make_model, make_objective, make_optimizer
@@ -93,6 +105,7 @@ class Trainer:
         if self.acc.is_main_process and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
+        self._init_checkpointing(resume)
 
     # --- set-up ----------------------------------------------------------------------
     def _data_init(self) -> None:
@@ -161,8 +174,8 @@ class Trainer:
         """One optimizer step; returns its metrics, or None if it was skipped as non-finite."""
         t = self.cfg.train
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(step, t.lr, t.warmup_steps, t.steps, t.schedule, t.decay_rate,
-                                        t.decay_every_steps)
+            group["lr"] = self.lr_scale * learning_rate(step, t.lr, t.warmup_steps, t.steps, t.schedule,
+                                                        t.decay_rate, t.decay_every_steps)
         self.objective.start_step(step)
         logs = self.accumulate_gradients(step)
         if logs is None:
@@ -233,24 +246,105 @@ class Trainer:
         self._record(f"samples/nonfinite_{what}", bad)
         return path
 
-    def save(self) -> None:
-        """Atomic checkpoint from the main process; never from a non-finite state."""
+    # --- checkpoints and non-finite steps --------------------------------------------------
+    def _init_checkpointing(self, resume: TrainingState | None) -> None:
+        t = self.cfg.train
+        self.store = CheckpointStore(self.run_dir, t.keep_checkpoints, t.keep_best)
+        self.lr_scale = resume.lr_scale if resume is not None else 1.0   # lowered by each rollback
+        self.rollbacks = resume.rollbacks if resume is not None else 0
+        self.nonfinite_streak = 0  # consecutive skipped steps up to now
+
+    def _state_is_finite(self) -> bool:
+        """Whether every weight, buffer and averaged weight is finite on every rank."""
+        tensors = list(self.model.state_dict().values()) + (list(self.ema.shadow.values()) if self.ema else [])
+        return not self._any_rank(not all(bool(torch.isfinite(v).all()) for v in tensors if v.is_floating_point()))
+
+    def _next_step_is_finite(self) -> bool:
+        """Whether the next training step from this state would be taken (finite loss and
+        gradient on its batch); weights, buffers, random streams and gradients are left as they were."""
+        buffers = {name: b.detach().clone() for name, b in self.model.named_buffers()}
+        last_batch = getattr(self, "_last_batch", None)
+        devices = [self.acc.device.index or 0] if self.acc.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            finite = self.accumulate_gradients(self.step) is not None
+            if finite:
+                finite = bool(torch.isfinite(self.acc.clip_grad_norm_(self.wrapped.parameters(), float("inf"))))
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, b in self.model.named_buffers():
+                b.copy_(buffers[name])
+        self._last_batch = last_batch
+        return finite
+
+    def _checkpoint_problem(self) -> str | None:
+        """Why the current state must not be checkpointed, or None (all ranks call it)."""
+        if self.nonfinite_streak:
+            return f"the run is in a non-finite streak ({self.nonfinite_streak} skipped step(s))"
+        if not self._state_is_finite():
+            return "its weights are not finite"
+        if not self._next_step_is_finite():
+            return "its weights give a non-finite loss or gradient on the next batch"
+        return None
+
+    def _kept(self) -> str:
+        step = self.store.latest_step
+        if step is None:
+            return "no checkpoint has been written yet"
+        return f"the last good checkpoint (step {step}, {self.store.latest_path}) is kept"
+
+    def save(self, test_bpd: float | None = None, latest: bool = True) -> bool:
+        """Checkpoint the current state from the main process, atomically, if it is good (see
+        ``_checkpoint_problem``): as the latest checkpoint (``latest``) and, when ``test_bpd``
+        (this state's test bits/dim) is the best so far, as ``best.pt``.  Returns whether it was
+        written; a refused state is one warning and the last good checkpoint stays as it is."""
+        best = self.store.improves_best(test_bpd)
+        if not (latest or best):
+            return False
         self.acc.wait_for_everyone()
-        if self._any_rank(not all(bool(torch.isfinite(p).all()) for p in self.model.parameters())):
-            raise FlowlabError(f"refusing to checkpoint non-finite weights at step {self.step}; the last checkpoint is kept")
+        problem = self._checkpoint_problem()
+        if problem is not None:
+            self.log(f"warning: no checkpoint at step {self.step}: {problem}; {self._kept()}")
+            return False
         if self.acc.is_main_process:
             state = TrainingState.capture(self.cfg.to_dict(), self.model, self.optimizer, self.ema, step=self.step,
                                           images_seen=self.images_seen, nonfinite_total=self.nonfinite_total,
-                                          world_size=self.world, data_shape=self.data.shape)
-            state.save(checkpoint_path(self.run_dir))
+                                          world_size=self.world, data_shape=self.data.shape, lr_scale=self.lr_scale,
+                                          rollbacks=self.rollbacks, test_bpd=test_bpd)
+            if latest:
+                self.store.commit(state, best=best)
+            else:
+                self.store.commit_best(state)
+        else:
+            self.store.note(step=self.step if latest else None, best_bpd=test_bpd if best else None)
         self.acc.wait_for_everyone()
+        return True
+
+    def _roll_back_or_stop(self) -> None:
+        """``train.max_nonfinite`` consecutive skipped steps: roll back to the last good
+        checkpoint with the learning rate times ``train.rollback_lr_factor`` (at most
+        ``train.nonfinite_rollback`` times), else stop with a one-line error."""
+        t = self.cfg.train
+        if self.rollbacks >= t.nonfinite_rollback or self.store.latest_step is None:
+            self._stop_nonfinite()
+        state = self.store.latest()
+        state.restore(model=self.model, optimizer=self.optimizer, ema=self.ema)
+        skipped_at = self.step
+        self.step, self.images_seen = state.step, state.images_seen
+        self.rollbacks += 1
+        self.lr_scale *= t.rollback_lr_factor
+        self.nonfinite_streak = 0
+        if self.acc.is_main_process:
+            metrics_log.truncate(self.run_dir, self.step, moved_to=metrics_log.ROLLED_BACK_NAME)
+        self.log(f"warning: {t.max_nonfinite} consecutive non-finite steps at step {skipped_at}: rolled back to the "
+                 f"last good checkpoint (step {self.step}) with the learning rate x{self.lr_scale:g} "
+                 f"(rollback {self.rollbacks} of {t.nonfinite_rollback}; the rows after step {self.step} moved to "
+                 f"{metrics_log.ROLLED_BACK_NAME})")
 
     def _record(self, name: str, value: float) -> None:
         if self.writer is not None:
             self.writer.add_scalar(name, value, self.images_seen)
         if self.acc.is_main_process:
-            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({"step": self.step, "images_seen": self.images_seen, name: value}) + "\n")
+            metrics_log.append(self.run_dir, {"step": self.step, "images_seen": self.images_seen, name: value})
 
     # --- the loop ----------------------------------------------------------------------
     def fit(self) -> dict:
@@ -264,24 +358,33 @@ class Trainer:
                  f"{self.world} process(es) on {self.acc.device}; global batch {t.batch_size}{accum}")
         if self.step == 0 and t.eval_every > 0:
             self.evaluate()
-        bar = tqdm(total=t.steps, initial=self.step, disable=not self.acc.is_main_process, dynamic_ncols=True)
-        consecutive_bad, window_start, window_images, last = 0, time.perf_counter(), 0, None
+        bar = self._bar = tqdm(total=t.steps, initial=self.step, disable=not self.acc.is_main_process, dynamic_ncols=True)
+        window_start, window_images, last = time.perf_counter(), 0, None
         deadline = None if t.time_limit_minutes is None else time.perf_counter() + 60 * t.time_limit_minutes
         done = self.step >= t.steps
         while not done:
             metrics = self.train_step(self.step)
             if metrics is None:
                 self.nonfinite_total += 1
-                consecutive_bad += 1
+                self.nonfinite_streak += 1
                 self.log(f"warning: non-finite loss or gradient at step {self.step}; step skipped ({self.nonfinite_total} so far)")
-                if consecutive_bad >= t.max_nonfinite:
-                    self._stop_nonfinite()
+                bar.set_postfix(bpd="non-finite", streak=self.nonfinite_streak)
+                if self.nonfinite_streak >= t.max_nonfinite:
+                    self._roll_back_or_stop()  # returns only after a rollback: continue from its step
+                    bar.n, last, window_start, window_images = self.step, None, time.perf_counter(), 0
+                    bar.refresh()
+                    continue
             else:
-                consecutive_bad, last = 0, metrics
+                self.nonfinite_streak, last = 0, metrics
             self.step += 1
             self.images_seen += t.batch_size
             window_images += t.batch_size
-            if last is not None and (self.step % t.log_every == 0 or self.step >= t.steps):
+            log_now = self.step % t.log_every == 0 or self.step >= t.steps
+            if log_now and self.nonfinite_streak:  # never the last finite values as if current
+                self._record("train/nonfinite_steps", self.nonfinite_total)
+                self._record("train/nonfinite_streak", self.nonfinite_streak)
+                window_start, window_images = time.perf_counter(), 0
+            elif log_now and last is not None:
                 elapsed = time.perf_counter() - window_start
                 main = self.objective.metric  # bpd, nll, nelbo, reverse_kl
                 value = self.acc.reduce(last[main].reshape(1).float(), reduction="mean").item()
@@ -302,12 +405,14 @@ class Trainer:
             done = self.step >= t.steps or (deadline is not None and self._any_rank(time.perf_counter() > deadline))
             if done and self.step < t.steps:
                 self.log(f"time limit of {t.time_limit_minutes} min reached at step {self.step}")
+            test_bpd = None
             if t.eval_every > 0 and (self.step % t.eval_every == 0 or done):
-                self.evaluate()
+                test_bpd = (self.evaluate() or {}).get("bpd")
             if t.sample_every > 0 and (self.step % t.sample_every == 0 or done):
                 self.save_samples()
-            if (t.checkpoint_every > 0 and self.step % t.checkpoint_every == 0) or done:
-                self.save()
+            scheduled = (t.checkpoint_every > 0 and self.step % t.checkpoint_every == 0) or done
+            if scheduled or test_bpd is not None:
+                self.save(test_bpd, latest=scheduled)
             if window_images == 0:  # img/s counts training time only, not eval/sampling/saving
                 window_start = time.perf_counter()
         bar.close()
@@ -316,10 +421,13 @@ class Trainer:
     def _stop_nonfinite(self) -> None:
         x = self._batch(self.step)
         where = self.model.find_nonfinite(x) if hasattr(self.model, "find_nonfinite") else None
+        after = f" after {self.rollbacks} rollback(s)" if self.rollbacks else ""
+        if getattr(self, "_bar", None) is not None:
+            self._bar.close()  # the error line then starts on a line of its own
         raise FlowlabError(
-            f"training stopped: {self.cfg.train.max_nonfinite} consecutive non-finite steps at step {self.step}; "
+            f"training stopped: {self.cfg.train.max_nonfinite} consecutive non-finite steps at step {self.step}{after}; "
             f"first non-finite layer: {where or 'none found on this batch (check the learning rate)'}; "
-            f"no checkpoint was written from this state")
+            f"{self._kept()}")
 
     def _finish(self) -> dict:
         """Summary of the run, with a parameter checksum from every rank (they must agree)."""
@@ -339,7 +447,7 @@ class Trainer:
 
 
 def prepare_run_dir(run_dir: str, cfg: RunConfig | dict, resume: bool) -> TrainingState | None:
-    """Create or check the run directory; returns the checkpoint's state when resuming."""
+    """Check the run directory; returns the checkpoint's state when resuming."""
     ckpt = checkpoint_path(run_dir)
     if resume:
         state = TrainingState.load(ckpt)
@@ -356,20 +464,66 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _make_run_dir(run_dir: str) -> None:
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise FlowlabError(f"--out {run_dir} is a file, not a run directory")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        raise FlowlabError(f"cannot create run directory {run_dir}: {e.strerror}") from None
+
+
+def _tidy_run_dir(run_dir: str, state: TrainingState | None) -> None:
+    """Main process, under the lock: remove temporary files of a killed checkpoint write and the
+    metrics rows after the step the run continues from (all of them for a fresh run)."""
+    removed = clean_temp_files(run_dir)
+    if removed:
+        print(f"note: removed {len(removed)} temporary file(s) left by an interrupted checkpoint write in {run_dir}",
+              flush=True)
+    step = -1 if state is None else state.step
+    dropped = metrics_log.truncate(run_dir, step)
+    if dropped:
+        what = f"after step {step}, the checkpoint resumed" if state is not None else "of an earlier run that left no checkpoint"
+        print(f"note: dropped {dropped} row(s) of {metrics_log.METRICS_NAME} {what}", flush=True)
+
+
+def _world_size_note(state: TrainingState, trainer: "Trainer") -> str | None:
+    if state.world_size is None or state.world_size == trainer.world:
+        return None
+    t = trainer.cfg.train
+    return (f"note: the checkpoint was written by {state.world_size} process(es), resuming on {trainer.world}: the same run, "
+            f"since train.batch_size={t.batch_size} is the global batch and the batches, schedule and step count depend "
+            f"only on the step (now {trainer.micro_batch_size} images per process and micro-batch); per-process noise "
+            f"draws and float rounding differ from an uninterrupted run")
+
+
 def run_training(cfg: RunConfig | dict, run_dir: str, resume: bool = False) -> dict:
     """Train (or, with ``resume``, continue: the checkpoint's model, data and objective with
-    the given train, eval and sample sections) into ``run_dir``."""
+    the given train, eval and sample sections) into ``run_dir``, holding its lock throughout
+    (a second run on it is a one-line error; a stale lock of a killed run is taken over)."""
     cfg = RunConfig.of(cfg)
-    os.makedirs(run_dir, exist_ok=True)
-    state = prepare_run_dir(run_dir, cfg, resume)
-    if state is not None:
-        cfg = dataclasses.replace(RunConfig.from_resolved(state.config), train=cfg.train, eval=cfg.eval, sample=cfg.sample)
-    if is_main_process():
-        save_config(cfg.to_dict(), os.path.join(run_dir, "config.yaml"))
-    trainer = Trainer(cfg, run_dir, state)
+    _make_run_dir(run_dir)
+    lock = RunLock(run_dir).acquire() if is_main_process() else None
     try:
-        return trainer.fit()
+        if lock is not None and lock.stale_message():
+            print(lock.stale_message(), flush=True)
+        state = prepare_run_dir(run_dir, cfg, resume)
+        if state is not None:
+            cfg = dataclasses.replace(RunConfig.from_resolved(state.config), train=cfg.train, eval=cfg.eval,
+                                      sample=cfg.sample)
+        if is_main_process():
+            _tidy_run_dir(run_dir, state)
+            save_config(cfg.to_dict(), os.path.join(run_dir, "config.yaml"))
+        trainer = Trainer(cfg, run_dir, state)
+        note = None if state is None else _world_size_note(state, trainer)
+        if note:
+            trainer.log(note)
+        try:
+            return trainer.fit()
+        finally:
+            # tear the process group down explicitly: left to interpreter exit, the collective
+            # backend's threads can abort the process (SIGABRT) after a finished run
+            trainer.acc.end_training()
     finally:
-        # tear the process group down explicitly: left to interpreter exit, the collective
-        # backend's threads can abort the process (SIGABRT) after a finished run
-        trainer.acc.end_training()
+        if lock is not None:
+            lock.release()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.checkpoint import TrainingState, checkpoint_path
+from engine.checkpoint import TrainingState, checkpoint_path, load_checkpoint
 from engine.config import DEFAULTS, load_config, resolve
 from engine.ema import EMA
 from common.errors import FlowlabError
@@ -151,14 +151,16 @@ def test_checkpoints_in_the_format_1_layout_load_through_the_new_api(tmp_path):
     for i, s in fresh_opt.state_dict()["state"].items():
         assert torch.equal(s["exp_avg"], saved[i]["exp_avg"])
 
-    # written back by the new code: the same layout, key by key
+    # written back by the new code: format 2 (safetensors + JSON), the same fields and more
     again = tmp_path / "again"
     again.mkdir()
     TrainingState.capture(state.config, fresh, fresh_opt, fresh_ema, step=7, images_seen=112, nonfinite_total=1,
                           world_size=2, data_shape=(3, 8, 8)).save(checkpoint_path(str(again)))
-    new = torch.load(checkpoint_path(str(again)), weights_only=False)
-    assert set(new) == set(old) and new["format_version"] == 1 and new["data_shape"] == [3, 8, 8]
+    new = load_checkpoint(checkpoint_path(str(again)))
+    assert set(new) >= set(old) and new["format_version"] == 2 and new["data_shape"] == [3, 8, 8]
     assert new["ema"]["decay"] == 0.9 and set(new["ema"]["shadow"]) == set(old["ema"]["shadow"])
+    assert new["optimizer"]["param_groups"] == optimizer.state_dict()["param_groups"]  # tuples, int keys kept
+    assert set(new["optimizer"]["state"]) == set(optimizer.state_dict()["state"])
 
     # load_run: the EMA weights by default, the raw ones on request
     run_cfg, loaded, info = load_run(str(tmp_path))

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from engine.checkpoint import load_checkpoint, save_checkpoint
 from tests.helpers import SUBSET, needs_subset, read_metric
 from tests.helpers import run_command as run
 
@@ -135,11 +136,11 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
     proc = train(out, "train.steps=4", "model.hidden_channels=8", resume=True, check=False)
     assert proc.returncode == 2 and "model config differs" in proc.stderr
     # a checkpoint whose weights do not match its config
-    state = torch.load(ckpt, weights_only=False)
+    state = load_checkpoint(str(ckpt))
     state["config"]["model"]["hidden_channels"] = 8
     mismatched = tmp_path / "mismatched"
     mismatched.mkdir()
-    torch.save(state, mismatched / "checkpoint.pt")
+    save_checkpoint({k: v for k, v in state.items() if k != "format_version"}, str(mismatched / "checkpoint.pt"))
     proc = run([sys.executable, "eval.py", str(mismatched)], check=False)
     assert proc.returncode == 2 and "does not match the model" in proc.stderr, proc.stderr
     # a truncated checkpoint
@@ -163,7 +164,7 @@ def test_persistent_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path)
     assert "training stopped: 3 consecutive non-finite steps" in proc.stderr
     assert "first non-finite layer: transforms." in proc.stderr
     assert "step skipped" in proc.stdout
-    after = torch.load(out / "checkpoint.pt", weights_only=False)
+    after = load_checkpoint(str(out / "checkpoint.pt"))
     assert all(torch.isfinite(v).all() for v in after["model"].values() if v.is_floating_point())
     assert after["step"] >= 2 and (after["step"] > 2 or (out / "checkpoint.pt").read_bytes() == before)
 
@@ -172,6 +173,6 @@ def test_time_limit_stops_early_with_a_final_checkpoint_and_eval(tmp_path):
     out = tmp_path / "timed"
     proc = train(out, "train.steps=100000", "train.time_limit_minutes=0.0001", "train.eval_every=100000")
     assert "time limit of 0.0001 min reached at step 1" in proc.stdout
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state = load_checkpoint(str(out / "checkpoint.pt"))
     assert state["step"] == 1 and state["images_seen"] == 16
     assert set(read_metric(out, "test/bpd")) == {0, 1}  # evaluated at the start and where it stopped

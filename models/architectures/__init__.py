@@ -1,7 +1,8 @@
 """Registry of model families.  Each module defines ``DEFAULTS`` and ``CHOICES`` (its
 ``model`` section), ``DEQUANTIZERS`` (the ``dequantizer.kind`` values it supports, the
 first its default; ``("none",)`` for a discrete family), optionally
-``DEQUANTIZER_DEFAULTS`` (its own defaults for the dequantizer's knobs), and
+``DEQUANTIZER_DEFAULTS`` (its own defaults for the dequantizer's knobs), ``RANGES`` (valid
+ranges of its numeric keys, ``common.ranges``) and
 ``build(cfg, data_shape, num_bits, dequantizer) -> Flow`` (a model that is not a flow, the
 flow-VAE, returns a ``models.core.hooks.LayerHooks``).  A family builds from
 ``models.builders``, ``models.core``, ``models.nets``, ``models.transforms`` and
@@ -35,6 +36,13 @@ def dequantizer_section(name: str) -> tuple[dict, dict]:
 
     module = architecture(name)
     return section(module.DEQUANTIZERS, getattr(module, "DEQUANTIZER_DEFAULTS", None))
+
+
+def dequantizer_ranges() -> dict:
+    """Valid ranges of the ``dequantizer`` section's numeric knobs (``common.ranges``)."""
+    from models.builders.dequantizer import RANGES
+
+    return RANGES
 
 
 def build_model(model_cfg: dict, data_shape, num_bits: int, dequantizer: dict | None = None):

@@ -18,6 +18,7 @@ C*H*W of the data (not of the encoding).
 """
 from __future__ import annotations
 
+from common.ranges import at_least
 from models.builders import glow_levels
 from models.builders.dequantizer import build_dequantizer
 from models.builders.stack import LayerStack
@@ -32,6 +33,9 @@ DEFAULTS = {
     "permutation": "conv1x1",
     "learn_top": True,
     "edge_padding": True,
+}
+RANGES = {  # valid values of the numeric keys (engine.config checks them)
+    "levels": at_least(1), "steps": at_least(1), "hidden_channels": at_least(1),
 }
 
 CHOICES = dict(glow_levels.CHOICES)

@@ -12,6 +12,7 @@ channels and affine coupling this is the official CIFAR-10 model (44.6M paramete
 """
 from __future__ import annotations
 
+from common.ranges import at_least
 from models.builders import glow_levels
 from models.builders.dequantizer import build_dequantizer
 from models.builders.stack import LayerStack
@@ -26,6 +27,9 @@ DEFAULTS = {
     "permutation": "conv1x1",  # conv1x1 | conv1x1_lu | reverse | shuffle
     "learn_top": True,         # learned top prior (else N(0, I))
     "edge_padding": True,      # is-padding channel on 3x3 convs, as the official code
+}
+RANGES = {  # valid values of the numeric keys (engine.config checks them)
+    "levels": at_least(1), "steps": at_least(1), "hidden_channels": at_least(1),
 }
 
 CHOICES = dict(glow_levels.CHOICES)

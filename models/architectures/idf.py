@@ -21,6 +21,7 @@ split priors and a 5-component top prior this is the official CIFAR-10 model
 """
 from __future__ import annotations
 
+from common.ranges import at_least
 from models.builders.stack import LayerStack
 from models.core.flow import Flow
 from models.nets.densenet import DenseNet
@@ -40,6 +41,10 @@ DEFAULTS = {
     "permutation": "shuffle",    # fixed random channel permutation before each coupling
     "prior_mixtures": 5,         # components of the top prior (--n_mixtures)
     "split_prior_mixtures": 1,   # components of each conditional split prior (official: 1)
+}
+RANGES = {  # valid values of the numeric keys (engine.config checks them)
+    "levels": at_least(1), "steps": at_least(1), "hidden_channels": at_least(1), "hidden_blocks": at_least(1),
+    "prior_mixtures": at_least(1), "split_prior_mixtures": at_least(1),
 }
 
 CHOICES = {

@@ -37,6 +37,7 @@ argmax, whose output is already unbounded) is the family's.  A family whose only
 from __future__ import annotations
 
 from models.builders.flowpp_steps import flow_steps
+from common.ranges import at_least, between
 from models.builders.stack import LayerStack
 from models.core.transform import Transform
 from models.nets.flowpp_nets import DequantContextNet
@@ -67,6 +68,12 @@ DEFAULTS = {
 CHOICES = {
     "kind": KINDS,
     "encoding": tuple(ENCODINGS),
+}
+
+RANGES = {  # valid values of the numeric knobs (engine.config checks them)
+    "steps": at_least(1), "hidden_channels": at_least(1), "hidden_blocks": at_least(1),
+    "components": at_least(0), "heads": at_least(1), "dropout": between(0, 1, hi_open=True),
+    "context_channels": at_least(1), "context_blocks": at_least(0),
 }
 
 
