@@ -20,6 +20,7 @@ from compression.image_files import matches_files, read_images
 from engine.checkpoint import TrainingState, checkpoint_path, load_checkpoint, save_checkpoint
 from engine.cli import run_cli
 from engine.config import CHOICES, DEFAULTS, RANGES, load_config, resolve
+from models.architectures import ARCHITECTURES, architecture
 from engine.ema import EMA
 from engine.model_file import ModelFile
 from engine.run import load_run
@@ -359,6 +360,22 @@ def test_every_engine_key_declares_its_valid_range():
     for section, keys in DEFAULTS.items():
         for key in keys:
             assert (section, key) in RANGES or (section, key) in CHOICES, f"{section}.{key} declares no range"
+
+
+def _numeric(value) -> bool:
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(_numeric(v) for v in value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@pytest.mark.parametrize("family", sorted(ARCHITECTURES))
+def test_every_numeric_model_key_of_every_family_declares_its_valid_range(family):
+    module = architecture(family)
+    ranges, choices = getattr(module, "RANGES", {}), getattr(module, "CHOICES", {})
+    missing = [k for k, v in module.DEFAULTS.items() if _numeric(v) and k not in ranges and k not in choices]
+    assert not missing, f"model '{family}': {missing} declare no range (RANGES in models/architectures/{family}.py)"
+    for key, r in ranges.items():  # and the defaults are inside their own ranges
+        assert r.accepts(module.DEFAULTS[key]), (family, key, module.DEFAULTS[key], str(r))
 
 
 @pytest.mark.parametrize("override, message", [

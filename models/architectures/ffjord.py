@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from common.ranges import above, at_least, between, each
 from models.builders.dequantizer import build_dequantizer
 from models.builders.stack import LayerStack
 from models.core.distributions import StandardNormal
@@ -58,6 +59,14 @@ DEFAULTS = {
     "test_step_size": 0.25,
     "kinetic_energy": 0.0,         # RNODE coefficient of int 0.5 mean f^2 dt
     "jacobian_norm2": 0.0,         # RNODE coefficient of int ||df/dz||_F^2 / D dt
+}
+
+RANGES = {  # valid values of the numeric keys (engine.config checks them)
+    "levels": at_least(1), "steps": at_least(1), "hidden_channels": each(at_least(1), min_length=1),
+    "logit_alpha": between(0, 0.5, hi_open=True), "end_time": above(0),
+    "atol": above(0), "rtol": above(0), "step_size": above(0),
+    "test_atol": above(0), "test_rtol": above(0), "test_step_size": above(0),
+    "kinetic_energy": at_least(0), "jacobian_norm2": at_least(0),
 }
 
 CHOICES = {

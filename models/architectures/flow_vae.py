@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+from common.ranges import at_least
 from models.builders.vector_layers import SYLVESTER_KINDS
 from models.vae.flow_vae import FLOWS, FlowVAE
 
@@ -24,6 +25,10 @@ DEFAULTS = {
     "hidden_channels": 300,    # width of the encoder / decoder MLPs (and of the iaf MADEs, the amortisers' context)
     "kind": "orthogonal",      # sylvester: orthogonal | householder | triangular
     "ortho_vectors": 8,        # sylvester orthogonal: columns M of Q (at most latent_dim)
+}
+
+RANGES = {  # valid values of the numeric keys (engine.config checks them)
+    "steps": at_least(0), "latent_dim": at_least(1), "hidden_channels": at_least(1), "ortho_vectors": at_least(1),
 }
 
 CHOICES = {"flow": FLOWS, "kind": SYLVESTER_KINDS}

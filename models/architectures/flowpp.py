@@ -25,6 +25,7 @@ experiments/flowpp_cifar10.yaml: 31,443,440 parameters, as the official code.
 """
 from __future__ import annotations
 
+from common.ranges import at_least, between, each
 from models.builders.dequantizer import build_dequantizer
 from models.builders.flowpp_steps import flow_steps
 from models.builders.stack import LayerStack
@@ -43,6 +44,12 @@ DEFAULTS = {
     "attention": True,         # False: pointwise gated NIN instead (ablation)
     "dropout": 0.2,
     "logit_alpha": 0.05,       # pre-processing y * (1 - 2 alpha) + alpha, then logit
+}
+
+RANGES = {  # valid values of the numeric keys (engine.config checks them)
+    "steps": each(at_least(0), length=3), "hidden_channels": at_least(1), "hidden_blocks": at_least(1),
+    "heads": at_least(1), "components": at_least(0), "dropout": between(0, 1, hi_open=True),
+    "logit_alpha": between(0, 0.5, hi_open=True),
 }
 
 CHOICES: dict = {}

@@ -18,6 +18,7 @@ training, running averages in evaluation (the trainer switches modes).
 """
 from __future__ import annotations
 
+from common.ranges import at_least, between
 from models.builders.dequantizer import build_dequantizer
 from models.builders.stack import LayerStack
 from models.core.distributions import StandardNormal
@@ -40,6 +41,11 @@ DEFAULTS = {
     "bn_momentum": 0.05,        # running-average momentum of the batch-norm bijector
     "logit_alpha": 0.05,        # RealNVP's pre-processing constant
     "factor_out_prior": "standard",  # standard (paper: N(0, I)) | learned (Glow's conditional prior)
+}
+
+RANGES = {  # valid values of the numeric keys (engine.config checks them)
+    "levels": at_least(1), "hidden_blocks": at_least(1), "hidden_channels": at_least(1),
+    "bn_momentum": between(0, 1, lo_open=True), "logit_alpha": between(0, 0.5, hi_open=True),
 }
 
 CHOICES = {

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 
+from common.ranges import above, at_least, between, each
 from models.builders.dequantizer import build_dequantizer
 from models.builders.stack import LayerStack
 from models.core.distributions import StandardNormal
@@ -68,6 +69,15 @@ DEFAULTS = {
     "inverse_atol": 1e-5,          # fixed-point inverse tolerance ...
     "inverse_rtol": 1e-5,
     "inverse_max_iters": 100,      # ... and iteration cap
+}
+
+RANGES = {  # valid values of the numeric keys (engine.config checks them)
+    "steps": each(at_least(0), min_length=1), "hidden_channels": at_least(1), "fc_steps": at_least(0),
+    "fc_hidden_channels": at_least(1), "coeff": above(0), "sn_atol": at_least(0), "sn_rtol": at_least(0),
+    "sn_max_iters": at_least(1), "poisson_lambda": above(0), "geometric_p": between(0, 1, lo_open=True, hi_open=True),
+    "n_exact_terms": at_least(0), "n_exact_terms_eval": at_least(0), "n_power_series": at_least(1),
+    "logit_alpha": between(0, 0.5, hi_open=True), "inverse_atol": at_least(0), "inverse_rtol": at_least(0),
+    "inverse_max_iters": at_least(1),
 }
 
 CHOICES = {

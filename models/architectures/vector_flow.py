@@ -14,6 +14,7 @@ arXiv:1505.05770).  The data are continuous vectors: no dequantizer (``DEQUANTIZ
 """
 from __future__ import annotations
 
+from common.ranges import at_least
 from models.builders.vector_layers import FLOWS, SYLVESTER_KINDS, vector_layers
 from models.core.distributions import StandardNormal
 from models.core.flow import Flow
@@ -25,6 +26,10 @@ DEFAULTS = {
     "hidden_blocks": 2,        # hidden layers of each coupling MLP / MADE
     "kind": "orthogonal",      # sylvester: orthogonal | householder | triangular
     "ortho_vectors": 0,        # sylvester orthogonal: columns M of Q (0: M = D)
+}
+
+RANGES = {  # valid values of the numeric keys (engine.config checks them)
+    "steps": at_least(1), "hidden_channels": at_least(1), "hidden_blocks": at_least(1), "ortho_vectors": at_least(0),
 }
 
 CHOICES = {"flow": FLOWS, "kind": SYLVESTER_KINDS}
