@@ -110,6 +110,17 @@ def _scores_line(result: dict, names: dict, digits: int = 2) -> str:
     return ", ".join(f"{label} {result[n]:.{digits}f} ± {result[n + '_stderr']:.{digits}f}" for n, label in names.items())
 
 
+class Annealed(Objective):
+    """An objective whose weight ``beta`` follows ``annealed_beta(step, anneal_steps)``."""
+
+    def __init__(self, **knobs):
+        super().__init__(**knobs)
+        self.beta = annealed_beta(0, self.anneal_steps)
+
+    def start_step(self, step: int) -> None:
+        self.beta = annealed_beta(step, self.anneal_steps)
+
+
 class BitsPerDim(Objective):
     """Maximum likelihood in bits per dimension, plus the model's auxiliary losses:
 
@@ -205,7 +216,7 @@ class NegativeLogLikelihood(Objective):
                 "nonfinite_note": "left out"}
 
 
-class NegativeELBO(Objective):
+class NegativeELBO(Annealed):
     """The flow-VAE's negative ELBO (Rezende & Mohamed 2015, arXiv:1505.05770 §6.2), in nats,
     with the KL term annealed:
 
@@ -222,17 +233,10 @@ class NegativeELBO(Objective):
     DATA_KINDS = ("image",)
     metric = "nelbo"
 
-    def __init__(self, **knobs):
-        super().__init__(**knobs)
-        self.beta = annealed_beta(0, self.anneal_steps)
-
     def check(self, data, model) -> None:
         super().check(data, model)
         if not hasattr(model, "importance_log_px"):
             raise FlowlabError(f"objective.name=elbo needs a VAE (model.name=flow_vae), not {type(model).__name__}")
-
-    def start_step(self, step: int) -> None:
-        self.beta = annealed_beta(step, self.anneal_steps)
 
     def __call__(self, model, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
         rec, kl_term = model(batch)
@@ -262,7 +266,7 @@ class NegativeELBO(Objective):
         return {**out, "nonfinite_what": "pixels", "nonfinite_note": "shown black"}
 
 
-class ReverseKL(Objective):
+class ReverseKL(Annealed):
     """Fit a flow's samples to an unnormalised density exp(-U) of ``data/toy2d.py`` (reverse KL,
     Rezende & Mohamed 2015, arXiv:1505.05770 §6.1), the layers' forwards as the sampling map:
 
@@ -283,10 +287,6 @@ class ReverseKL(Objective):
     metric = "reverse_kl"
     EVAL_SAMPLES = 10000
 
-    def __init__(self, **knobs):
-        super().__init__(**knobs)
-        self.beta = annealed_beta(0, self.anneal_steps)
-
     def check(self, data, model) -> None:
         super().check(data, model)
         if not hasattr(model, "push_forward"):
@@ -294,9 +294,6 @@ class ReverseKL(Objective):
                                f"not {type(model).__name__}")
         if data.dim != 2:
             raise FlowlabError(f"objective.energy={self.energy} is a density on 2-D vectors: set data.dim=2, not {data.dim}")
-
-    def start_step(self, step: int) -> None:
-        self.beta = annealed_beta(step, self.anneal_steps)
 
     def draw_batch(self, model, n: int, generator: torch.Generator) -> torch.Tensor:
         """z0 ~ N(0, I) of the model's base shape."""

@@ -243,9 +243,9 @@ def test_run_lock_is_exclusive_and_recognises_stale_locks(tmp_path):
             RunLock(str(tmp_path)).acquire()
     assert not (tmp_path / LOCK_NAME).exists()
     # a holder killed with SIGKILL leaves its lock file, but not its lock
-    code = (f"import os, sys; sys.path.insert(0, {ROOT!r}); from engine.run_lock import RunLock; "
+    code = (f"import os; from engine.run_lock import RunLock; "
             f"RunLock({str(tmp_path)!r}).acquire(); print(os.getpid(), flush=True); os.kill(os.getpid(), 9)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == -signal.SIGKILL
     pid = int(proc.stdout)
     with RunLock(str(tmp_path)) as lock:
