@@ -10,6 +10,9 @@ W^-1 are computed in float64 (as the official code does) and cast back.
 ``init="noisy_identity"`` starts from I + 0.001 N(0, 1) (Flow++'s ``Pointwise``).
 LU: W = P L (U + diag(sign(s) * exp(log|s|))) with P fixed, L unit lower-triangular
 and U strictly upper-triangular, so log|det W| = sum log|s| costs O(C).
+
+W^-1 comes from ``torch.linalg.inv_ex``, which leaves its error flag on the device: on a GPU
+sampling never waits for the host per layer (``inv`` synchronises to check it).
 """
 from __future__ import annotations
 
@@ -32,6 +35,11 @@ def _conv1x1_float32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def _positions(x: torch.Tensor) -> int:
     """Number of positions the matrix is applied at: H * W for images, 1 for vectors."""
     return x[0, 0].numel()
+
+
+def _inverse(weight: torch.Tensor) -> torch.Tensor:
+    """W^-1 without a host synchronisation (W is invertible by construction of the layer)."""
+    return torch.linalg.inv_ex(weight)[0]
 
 
 def _random_rotation(c: int) -> torch.Tensor:
@@ -57,7 +65,7 @@ class InvertibleConv1x1(Transform):
         return z, (logdet * _positions(x)).expand(x.shape[0])
 
     def inverse(self, z, context=None, *, temperature=1.0):
-        return _conv1x1_float32(z, torch.linalg.inv(self.weight.double()))
+        return _conv1x1_float32(z, _inverse(self.weight.double()))
 
 
 class InvertibleConv1x1LU(Transform):
@@ -83,4 +91,4 @@ class InvertibleConv1x1LU(Transform):
         return z, (self.log_s.to(compute_dtype(x)).sum() * _positions(x)).expand(x.shape[0])
 
     def inverse(self, z, context=None, *, temperature=1.0):
-        return _conv1x1_float32(z, torch.linalg.inv(self.weight().double()))
+        return _conv1x1_float32(z, _inverse(self.weight().double()))
