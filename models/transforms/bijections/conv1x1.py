@@ -17,7 +17,6 @@ sampling never waits for the host per layer (``inv`` synchronises to check it).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.core.transform import Transform, compute_dtype
@@ -29,7 +28,10 @@ def _conv1x1_float32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     with torch.autocast(device_type=x.device.type, enabled=False):
         if x.dim() == 2:  # vectors (B, D): z = W x
             return x.to(dtype) @ weight.to(dtype).T
-        return F.conv2d(x.to(dtype), weight.to(dtype)[:, :, None, None])
+        # a 1x1 conv is W applied to (B, C, H*W): as a matmul it is 1.5-4x faster than
+        # F.conv2d on CPU at Glow's channel counts (benchmarks/profile_step.py), same numbers
+        b, c, h, w = x.shape
+        return (weight.to(dtype) @ x.to(dtype).reshape(b, c, h * w)).view(b, c, h, w)
 
 
 def _positions(x: torch.Tensor) -> int:
