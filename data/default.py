@@ -48,8 +48,8 @@ def _load_cifar10_default(root: str, path: str | None, download: bool) -> Loaded
         loaded = Loaded(*LOADERS["cifar10"](root, None, False))
     else:
         npz = default_npz()
+        absent = f"no CIFAR-10 under data.root={root!r}" + ("" if npz == SUBSET_PATH else f", no {SUBSET_PATH}")
         which = ("the subset beside the checkout" if npz == SUBSET_PATH else
-                 f"the sample embedded in the repository (no {SUBSET_PATH})")
-        which += f" (no CIFAR-10 under data.root={root!r})"
+                 "the sample embedded in the repository") + f" ({absent})"
         loaded = Loaded(*LOADERS["npz"](root, npz, False))
     return loaded._replace(source=f"CIFAR-10 default = {which}: {loaded.source}")
