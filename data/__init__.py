@@ -7,3 +7,6 @@ from data.vectors import VECTOR_LOADERS, VectorDataset, load_vectors, register_v
 
 __all__ = ["ImageDataset", "LOADERS", "ShardedBatches", "VECTOR_LOADERS", "VectorDataset", "augment", "eval_batches",
            "load_dataset", "load_vectors", "read_idx", "register", "register_vectors"]
+
+# the loaders kept in their own modules register themselves in LOADERS on import
+from data import celeba, default, folder, imagenet  # noqa: E402,F401

@@ -2,7 +2,10 @@
 
 Every data set is one loader function registered in :data:`LOADERS`; it returns
 uint8 numpy arrays ``(train, test)`` laid out N,C,H,W plus a sentence saying what
-was read. :func:`load_dataset` adds bit reduction and truncation on top.
+was read, and for labelled sets the int64 class labels of both splits (a :class:`Loaded`;
+a plain ``(train, test, source)`` tuple means no labels). A loader registered with
+``options`` also gets those keys of the ``data`` section (``version``, ``image_size``, ...).
+:func:`load_dataset` adds bit reduction and truncation on top.
 Dequantization is left to the model.  ``data.n_bits=1`` binarizes (pixel >= 128): the
 binary images of the flow-VAE and of argmax flows.
 
@@ -18,15 +21,16 @@ import os
 import socket
 import zipfile
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 
 from common.errors import FlowlabError
 
-Loader = Callable[[str, "str | None", bool], "tuple[np.ndarray, np.ndarray, str]"]
+Loader = Callable[..., "Loaded | tuple[np.ndarray, np.ndarray, str]"]
 LOADERS: dict[str, Loader] = {}
+LOADER_OPTIONS: dict[str, tuple[str, ...]] = {}  # name -> the data-section keys its loader takes
 DOWNLOAD_TIMEOUT_S = 30.0  # per socket operation, so an offline download fails instead of hanging
 SYSTEM_DIRS = {"FashionMNIST": ["/usr/share/datasets/fashion-mnist"]}  # Debian dataset-* packages
 
@@ -40,6 +44,8 @@ class ImageDataset:
     n_bits: int
     name: str
     source: str
+    train_labels: torch.Tensor | None = None  # int64 class labels (N,), for labelled sets
+    test_labels: torch.Tensor | None = None
 
     kind = "image"  # what the trainer and the objectives ask: "image" | "vector" | "none"
 
@@ -55,22 +61,46 @@ class ImageDataset:
         return c * h * w
 
 
-def register(name: str) -> Callable[[Loader], Loader]:
-    """Decorator adding ``loader(root, path, download) -> (train, test, source)`` to LOADERS."""
+class Loaded(NamedTuple):
+    """What a loader returns: N,C,H,W uint8 splits, a sentence naming the source, labels or None."""
+
+    train: np.ndarray
+    test: np.ndarray
+    source: str
+    train_labels: np.ndarray | None = None
+    test_labels: np.ndarray | None = None
+
+
+def register(name: str, options: tuple[str, ...] = ()) -> Callable[[Loader], Loader]:
+    """Decorator adding ``loader(root, path, download, **options) -> Loaded | (train, test, source)``
+    to LOADERS; ``options`` names the ``data`` keys passed to it as keyword arguments."""
 
     def wrap(fn: Loader) -> Loader:
         LOADERS[name] = fn
+        LOADER_OPTIONS[name] = tuple(options)
         return fn
 
     return wrap
 
 
+def _labels(labels, count: int, what: str) -> torch.Tensor | None:
+    """Class labels as an int64 tensor of ``count``, or None."""
+    if labels is None:
+        return None
+    labels = np.asarray(labels).reshape(-1)
+    if len(labels) != count or not np.issubdtype(labels.dtype, np.integer):
+        raise FlowlabError(f"{what}: {len(labels)} labels of dtype {labels.dtype} for {count} images "
+                           f"(expected one integer label per image)")
+    return torch.from_numpy(labels.astype(np.int64))
+
+
 def load_dataset(name: str, root: str = "datasets", path: str | None = None, download: bool = True,
                  n_bits: int = 8, max_train: int | None = None,
-                 max_test: int | None = None, **vector_options) -> ImageDataset:
+                 max_test: int | None = None, image_options: dict | None = None, **vector_options) -> ImageDataset:
     """Load data set ``name`` into memory, keep the first max_train/max_test images, reduce to n_bits.
 
-    A vector data set (``data.vectors.VECTOR_LOADERS``) is loaded by ``load_vectors`` with
+    ``image_options`` holds ``data`` keys (``version``, ``image_size``, ``test_fraction``, ...); the
+    loader gets those it was registered with. A vector data set (``data.vectors.VECTOR_LOADERS``) is loaded by ``load_vectors`` with
     ``vector_options`` (``toy``, ``n_train``, ``n_test``, ``dim``) and is a ``VectorDataset``."""
     from data.vectors import VECTOR_LOADERS, load_vectors
 
@@ -84,17 +114,22 @@ def load_dataset(name: str, root: str = "datasets", path: str | None = None, dow
     for key, value in (("max_train", max_train), ("max_test", max_test)):
         if value is not None and value < 1:
             raise FlowlabError(f"data.{key} must be at least 1 or unset, got {value}")
-    train, test, source = LOADERS[name](root, path, download)
+    options = {k: v for k, v in (image_options or {}).items() if k in LOADER_OPTIONS[name]}
+    train, test, source, train_labels, test_labels = Loaded(*LOADERS[name](root, path, download, **options))
     for split, images in (("train", train), ("test", test)):
         if len(images) == 0:
             raise FlowlabError(f"data set {name!r} has no {split} images ({source})")
+    labels = [_labels(y, len(x), f"data set {name!r} ({split})")
+              for y, x, split in ((train_labels, train, "train"), (test_labels, test, "test"))]
     if max_train is not None or max_test is not None:
         train, test = train[:max_train].copy(), test[:max_test].copy()  # don't pin the full arrays
+        labels = [None if y is None else y[:n].clone() for y, n in zip(labels, (max_train, max_test))]
         source += f"; using the first {len(train)} train / {len(test)} test"
     train, test = (torch.from_numpy(np.ascontiguousarray(a)) for a in (train, test))
     if n_bits < 8:
         train, test = train >> (8 - n_bits), test >> (8 - n_bits)
-    return ImageDataset(train=train, test=test, n_bits=n_bits, name=name, source=source)
+    return ImageDataset(train=train, test=test, n_bits=n_bits, name=name, source=source,
+                        train_labels=labels[0], test_labels=labels[1])
 
 
 @contextlib.contextmanager
@@ -128,8 +163,9 @@ def _load_cifar10(root: str, path: str | None, download: bool):
             f"cifar-10-batches-py, or use data.name=npz data.path=FILE.npz "
             f"(e.g. ../shared/data/cifar10_subset.npz) [{_one_line(err)}]") from err
     train, test = (s.data.transpose(0, 3, 1, 2) for s in sets)  # N,H,W,C -> N,C,H,W
+    labels = [getattr(s, "targets", None) for s in sets]
     where = os.path.join(root, "cifar-10-batches-py")
-    return train, test, f"CIFAR-10 (torchvision, {len(train)} train / {len(test)} test) from {where}"
+    return Loaded(train, test, f"CIFAR-10 (torchvision, {len(train)} train / {len(test)} test) from {where}", *labels)
 
 
 @register("npz")
@@ -146,12 +182,13 @@ def _load_npz(root: str, path: str | None, download: bool):
                 raise FlowlabError(f"npz file {path!r} lacks key(s) {', '.join(missing)} "
                                    f"(has: {', '.join(f.files) or 'nothing'})")
             train, test = (_to_nchw(f[k], f"{path}[{k}]") for k in ("x_train", "x_test"))
+            labels = [f[k] if k in f.files else None for k in ("y_train", "y_test")]
     except (OSError, ValueError, zipfile.BadZipFile) as err:
         raise FlowlabError(f"cannot read npz file {path!r}: {_one_line(err)}") from err
     if train.shape[1:] != test.shape[1:]:
         raise FlowlabError(f"npz file {path!r}: x_train images {train.shape[1:]} differ from "
                            f"x_test images {test.shape[1:]}")
-    return train, test, f"npz {path}: {len(train)} train / {len(test)} test"
+    return Loaded(train, test, f"npz {path}: {len(train)} train / {len(test)} test", *labels)
 
 
 def _to_nchw(a: np.ndarray, what: str) -> np.ndarray:
@@ -221,7 +258,13 @@ def _load_idx_set(title: str, tv_class: str, hint: str = ""):
             raise FlowlabError(f"{title} IDX files {files} hold shapes {train.shape} / {test.shape}, "
                                f"expected N,H,W images of one size")
         train, test = train[:, None], test[:, None]
-        return train, test, f"{title} (IDX, {len(train)} train / {len(test)} test) from {os.path.dirname(files[0])}"
+        label_files = [_find_idx([os.path.dirname(f)], f"{s}-labels-idx1-ubyte")  # beside the images
+                       for f, s in zip(files, ("train", "t10k"))]
+        labelled = None not in label_files  # both label files, or no labels
+        labels = [read_idx(f) for f in label_files] if labelled else [None, None]
+        return Loaded(train, test, f"{title} (IDX, {len(train)} train / {len(test)} test"
+                                   f"{', with labels' if labelled else ''}) "
+                                   f"from {os.path.dirname(files[0])}", *labels)
 
     return load
 

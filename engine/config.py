@@ -29,16 +29,23 @@ import yaml
 
 from common.errors import FlowlabError
 from common.ranges import ANY, Range, above, at_least, between, each
-from data import toy2d
+from data import LOADERS, VECTOR_LOADERS, toy2d
+from data.imagenet import VERSIONS as IMAGENET_VERSIONS
 from engine.config_migrations import upgrade
 from engine.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
 from models.architectures import ARCHITECTURES, architecture, dequantizer_ranges, dequantizer_section
 
 DEFAULTS = {
     "data": {
-        "name": "cifar10",       # images: cifar10 | npz | mnist | fashion_mnist; vectors: toy2d | none
-        "root": "datasets",      # where torchvision data lives / downloads to
-        "path": None,            # the .npz file for name=npz
+        "name": "cifar10",       # images: cifar10 | cifar10_default | npz | mnist | fashion_mnist | imagenet32 |
+                                 # imagenet64 | celeba | celeba_hq | folder (data.LOADERS); vectors: toy2d | none
+        "root": "datasets",      # where torchvision data lives / downloads to (and the other sets' parent folder)
+        "path": None,            # the .npz file for name=npz; the folder for folder / celeba_hq / imagenet* / celeba
+        "version": "new",        # imagenet32/64: new (Chrabaszcz et al. 2017, npz) | old (van den Oord et al. 2016, PNG)
+        "image_size": None,      # folder (required), celeba (64), celeba_hq (256): images resized to this
+        "center_crop": 148,      # celeba: side of the central crop taken before resizing (Real NVP's 148)
+        "test_fraction": 0.1,    # folder, celeba_hq: fraction of the images held out as the test split ...
+        "split_seed": 0,         # ... drawn with this seed
         "download": True,
         "n_bits": 8,
         "hflip": False,          # random horizontal flips (train split only)
@@ -100,13 +107,14 @@ DEFAULTS = {
 
 # Types of keys whose default is None (None stays allowed for them).
 OPTIONAL_TYPES = {
-    ("data", "path"): "", ("data", "max_train"): 0, ("data", "max_test"): 0,
+    ("data", "path"): "", ("data", "image_size"): 0, ("data", "max_train"): 0, ("data", "max_test"): 0,
     ("train", "time_limit_minutes"): 0.0, ("eval", "max_examples"): 0,
     ("paper", "name"): "", ("paper", "bpd"): 0.0, ("paper", "params"): 0, ("paper", "source"): "",
 }
 
 CHOICES = {
-    ("data", "name"): ("cifar10", "npz", "mnist", "fashion_mnist", "toy2d", "none"),
+    ("data", "name"): (*LOADERS, *VECTOR_LOADERS),  # every registered loader
+    ("data", "version"): IMAGENET_VERSIONS,
     ("data", "toy"): toy2d.DATASETS,
     ("train", "optimizer"): ("adam", "adamw", "adamax"),
     ("train", "schedule"): ("constant", "cosine", "exponential"),
@@ -121,6 +129,8 @@ RANGES = {
     ("data", "root"): ANY, ("data", "path"): ANY, ("data", "download"): ANY,
     ("data", "n_bits"): between(1, 8), ("data", "hflip"): ANY, ("data", "translate"): between(0, 0.5),
     ("data", "max_train"): at_least(1), ("data", "max_test"): at_least(1),
+    ("data", "image_size"): at_least(1), ("data", "center_crop"): at_least(1),
+    ("data", "test_fraction"): between(0, 1, lo_open=True, hi_open=True), ("data", "split_seed"): at_least(0),
     ("data", "n_train"): at_least(1), ("data", "n_test"): at_least(1), ("data", "dim"): at_least(1),
     ("train", "steps"): at_least(1), ("train", "batch_size"): at_least(1),
     ("train", "grad_accum_steps"): at_least(1), ("train", "lr"): above(0),

@@ -24,7 +24,9 @@ def load_data(cfg: RunConfig | dict):
         return load_dataset(d.name, max_train=d.max_train, max_test=d.max_test, toy=d.toy, n_train=d.n_train,
                             n_test=d.n_test, dim=d.dim)
     return load_dataset(d.name, root=d.root, path=d.path, download=d.download, n_bits=d.n_bits,
-                        max_train=d.max_train, max_test=d.max_test)
+                        max_train=d.max_train, max_test=d.max_test,
+                        image_options={"version": d.version, "image_size": d.image_size, "center_crop": d.center_crop,
+                                       "test_fraction": d.test_fraction, "split_seed": d.split_seed})
 
 
 def make_model(cfg: RunConfig | dict, data_shape, num_bits: int):

@@ -30,7 +30,7 @@ and the plumbing of end-to-end tests that start the CLIs as users do:
 
     run_command(argv)                       subprocess in the repo root; fails with its output
     read_metric(run_dir, name)              {step: value} of one metric from metrics.jsonl
-    needs_subset                            skip marker when ../shared/data is absent
+    SUBSET                                  the CIFAR-10 npz the tests train on (../shared's subset, else the embedded sample)
 
 Conventions
 -----------
@@ -56,10 +56,10 @@ import os
 import subprocess
 from typing import Callable
 
-import pytest
 import torch
 from torch import nn
 
+from data.default import default_npz
 from models.core.transform import Transform
 
 __all__ = [
@@ -263,7 +263,7 @@ def perturb_zero_parameters(module: nn.Module, std: float = 0.05,
 # ---- whole models: the contract of every family --------------------------------------------
 
 #: (C, H, W) of the data sets a config can name (npz files carry their own shape).
-DATA_SHAPES = {"cifar10": (3, 32, 32), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28)}
+DATA_SHAPES = {"cifar10": (3, 32, 32), "cifar10_default": (3, 32, 32), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28)}
 
 
 def data_shape(cfg: dict) -> tuple[int, int, int]:
@@ -363,9 +363,10 @@ def meta_parameter_count(cfg: dict, shape, num_bits: int | None = None) -> int:
 # ---- end-to-end CLI tests ------------------------------------------------------------------
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUBSET = os.path.join(ROOT, "..", "shared", "data", "cifar10_subset.npz")
-needs_subset = pytest.mark.skipif(not os.path.isfile(SUBSET),
-                                  reason="needs ../shared/data/cifar10_subset.npz beside the checkout")
+# The CIFAR-10 npz file the tests train on: the subset beside the checkout
+# (../shared/data/cifar10_subset.npz) when there, else the sample embedded in the repository
+# (data/sample/cifar10_sample.npz), so a bare clone runs every test (data/default.py).
+SUBSET = default_npz()
 
 
 def run_command(argv: list[str], env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:

@@ -26,7 +26,7 @@ from models.transforms.surjections.argmax import ArgmaxSurjection, BinaryEncodin
 from models.transforms.surjections.augmentation import Augmentation
 from models.transforms.surjections.conditional_noise import ConditionalAffine, ConditionalNoise
 from tests.helpers import (ROOT, SUBSET, assert_all_parameters_get_gradient, assert_ldj_matches_jacobian,
-                           jacobian_logdet, needs_subset, read_metric, run_command)
+                           jacobian_logdet, read_metric, run_command)
 
 ENCODINGS = {"onehot": OneHotEncoding, "binary": BinaryEncoding}
 
@@ -294,7 +294,6 @@ def test_configs_build(config):
 
 # ---- CLI on the CIFAR-10 subset at 4 colour levels (categorical, K = 4) -------------------------------------
 
-@needs_subset
 def test_training_the_categorical_config_lowers_test_bpd(tmp_path):
     out = tmp_path / "run"
     run_command([sys.executable, "train.py", "experiments/argmax_cifar10_4levels_small.yaml", "--out", str(out),

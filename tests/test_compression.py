@@ -23,7 +23,7 @@ from engine.config import load_config
 from common.errors import FlowlabError
 from engine.trainer import run_training
 from models.architectures import build_model, idf
-from tests.helpers import ROOT, SUBSET, needs_subset, run_command
+from tests.helpers import ROOT, SUBSET, run_command
 from tests.test_idf import images, tiny_idf
 
 
@@ -52,7 +52,6 @@ def test_encode_decode_is_byte_exact_on_random_images():
     assert np.array_equal(FlowCodec(model, 8, chunk=3).decode(result.blob), x)
 
 
-@needs_subset
 def test_real_cifar10_images_round_trip_after_some_training():
     with np.load(SUBSET) as f:
         train, test = f["x_train"][:16], f["x_test"][:12]
@@ -136,7 +135,6 @@ def test_standard_codecs_are_lossless_and_measure_bits():
         assert noisy_bits / noise.size > 7.5 and flat_bits / flat.size < 2.0, name
 
 
-@needs_subset
 def test_compress_and_decompress_commands(tmp_path):
     run = tmp_path / "run"
     cfg = load_config(os.path.join(ROOT, "experiments", "idf_small.yaml"), [

@@ -1,7 +1,6 @@
 """Tests for the data layer: loading, IDX parsing, sharded batching, augmentation."""
 
 import gzip
-import os
 import struct
 
 import numpy as np
@@ -10,32 +9,44 @@ import torch
 
 from data import ShardedBatches, augment, eval_batches, load_dataset, read_idx
 from common.errors import FlowlabError
-
-SUBSET = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10_subset.npz")
-needs_subset = pytest.mark.skipif(not os.path.isfile(SUBSET), reason="../shared/data/cifar10_subset.npz absent")
+from tests.helpers import SUBSET  # ../shared's CIFAR-10 subset, else the sample in data/sample/
 
 
 # ---- loading -----------------------------------------------------------------------------
 
-@needs_subset
-def test_npz_subset_loads_as_nchw_uint8():
+def test_npz_subset_loads_as_nchw_uint8_with_labels():
     ds = load_dataset("npz", path=SUBSET)
-    raw = np.load(SUBSET)
-    assert ds.train.shape == (5085, 3, 32, 32) and ds.test.shape == (1017, 3, 32, 32)
+    with np.load(SUBSET) as raw:
+        x_train, x_test, y_train, y_test = (raw[k] for k in ("x_train", "x_test", "y_train", "y_test"))
+    n_train, n_test = len(x_train), len(x_test)
+    assert ds.train.shape == (n_train, 3, 32, 32) and ds.test.shape == (n_test, 3, 32, 32) and n_train >= 1000
     assert ds.train.dtype == ds.test.dtype == torch.uint8
     assert ds.shape == (3, 32, 32) and ds.num_dims == 3072 and ds.n_bits == 8
-    assert np.array_equal(ds.train.numpy(), raw["x_train"].transpose(0, 3, 1, 2))
-    assert np.array_equal(ds.test.numpy(), raw["x_test"].transpose(0, 3, 1, 2))
-    assert "5085 train / 1017 test" in ds.source
+    assert np.array_equal(ds.train.numpy(), x_train.transpose(0, 3, 1, 2))
+    assert np.array_equal(ds.test.numpy(), x_test.transpose(0, 3, 1, 2))
+    assert f"{n_train} train / {n_test} test" in ds.source
+    assert ds.train_labels.dtype == torch.int64 and torch.equal(ds.train_labels, torch.from_numpy(y_train))
+    assert torch.equal(ds.test_labels, torch.from_numpy(y_test)) and set(ds.test_labels.tolist()) <= set(range(10))
 
 
-@needs_subset
 def test_n_bits_reduction_and_truncation():
     full = load_dataset("npz", path=SUBSET, max_train=100, max_test=10)
     ds = load_dataset("npz", path=SUBSET, n_bits=5, max_train=100, max_test=10)
     assert ds.train.shape[0] == 100 and ds.test.shape[0] == 10 and "first 100 train" in ds.source
     assert int(ds.train.max()) < 32 and ds.train.dtype == torch.uint8
     assert torch.equal(ds.train, full.train >> 3) and torch.equal(ds.test, full.test >> 3)
+    assert ds.train_labels.shape == (100,) and ds.test_labels.shape == (10,)  # labels truncated with the images
+    assert torch.equal(ds.train_labels, load_dataset("npz", path=SUBSET).train_labels[:100])
+
+
+def test_unlabelled_npz_and_bad_labels(tmp_path):
+    x = np.zeros((4, 4, 4, 3), np.uint8)
+    np.savez(tmp_path / "u.npz", x_train=x, x_test=x[:2])
+    ds = load_dataset("npz", path=str(tmp_path / "u.npz"))
+    assert ds.train_labels is None and ds.test_labels is None
+    np.savez(tmp_path / "b.npz", x_train=x, x_test=x[:2], y_train=np.arange(3), y_test=np.arange(2))
+    with pytest.raises(FlowlabError, match="3 labels .* for 4 images"):
+        load_dataset("npz", path=str(tmp_path / "b.npz"))
 
 
 @pytest.mark.parametrize("bad", [0, 9])
@@ -95,6 +106,13 @@ def test_idx_parsing_and_mnist_loader(tmp_path, suffix):
     ds = load_dataset("mnist", root=str(tmp_path), download=False)
     assert ds.train.shape == (5, 1, 28, 28) and ds.test.shape == (3, 1, 28, 28)
     assert np.array_equal(ds.test[:, 0].numpy(), test)
+    assert ds.train_labels is None  # no label files: unlabelled
+    labels = [rng.integers(0, 10, n, dtype=np.uint8) for n in (5, 3)]
+    _write_idx(tmp_path / f"train-labels-idx1-ubyte{suffix}", labels[0])
+    _write_idx(tmp_path / f"t10k-labels-idx1-ubyte{suffix}", labels[1])
+    ds = load_dataset("mnist", root=str(tmp_path), download=False)
+    assert ds.train_labels.dtype == torch.int64 and ds.train_labels.tolist() == labels[0].tolist()
+    assert ds.test_labels.tolist() == labels[1].tolist() and ", with labels" in ds.source
 
 
 def test_idx_bad_magic_and_missing_mnist(tmp_path, monkeypatch):
@@ -194,11 +212,13 @@ def test_cifar10_layout_via_torchvision(monkeypatch):
     class FakeCIFAR10:  # stands in for torchvision's class: .data is N,H,W,C uint8
         def __init__(self, root, train, download):
             self.data = np.full((5 if train else 2, 32, 32, 3), [1, 2, 3], dtype=np.uint8)
+            self.targets = list(range(5)) if train else [9, 8]
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
     ds = load_dataset("cifar10", root="somewhere", download=False)
     assert ds.train.shape == (5, 3, 32, 32) and ds.test.shape == (2, 3, 32, 32)
     assert ds.train[:, 2].eq(3).all() and "CIFAR-10 (torchvision, 5 train / 2 test)" in ds.source
+    assert ds.train_labels.tolist() == [0, 1, 2, 3, 4] and ds.test_labels.tolist() == [9, 8]
 
 
 def test_fashion_mnist_loader_reads_the_idx_files(tmp_path, monkeypatch):
@@ -215,6 +235,11 @@ def test_fashion_mnist_loader_reads_the_idx_files(tmp_path, monkeypatch):
     assert ds.train.shape == (7, 1, 28, 28) and ds.test.shape == (3, 1, 28, 28) and ds.num_dims == 784
     assert torch.equal(ds.train[:, 0], torch.from_numpy(train >= 128).to(torch.uint8))  # n_bits=1: pixel >= 128
     assert "Fashion-MNIST (IDX, 7 train / 4 test)" in ds.source and str(system) in ds.source
+    assert ds.train_labels is None
+    _write_idx(system / "train-labels-idx1-ubyte.gz", np.arange(7, dtype=np.uint8))
+    _write_idx(system / "t10k-labels-idx1-ubyte.gz", np.arange(4, dtype=np.uint8)[::-1].copy())
+    ds = load_dataset("fashion_mnist", root=str(tmp_path / "empty"), download=False, max_test=3)
+    assert ds.train_labels.tolist() == list(range(7)) and ds.test_labels.tolist() == [3, 2, 1]
     raw = tmp_path / "root" / "FashionMNIST" / "raw"  # torchvision's layout under data.root
     raw.mkdir(parents=True)
     _write_idx(raw / "train-images-idx3-ubyte", train[:2])

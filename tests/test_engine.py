@@ -19,7 +19,7 @@ from engine.objectives import OBJECTIVES, BitsPerDim
 from engine.run import load_run
 from engine.sections import TYPED_SECTIONS, RunConfig
 from engine.setup import make_model, make_objective, make_optimizer
-from tests.helpers import ROOT, SUBSET, needs_subset
+from tests.helpers import ROOT, SUBSET
 
 EXPERIMENTS = os.path.join(ROOT, "experiments")
 
@@ -201,7 +201,6 @@ def _train_in_process(tmp_path, overrides, steps=3):
     return metrics, params
 
 
-@needs_subset
 def test_gradient_accumulation_gives_the_full_batch_step(tmp_path):
     """IDF's log P(x) draws no noise, so N micro-batches of 16/N must give the full batch's
     gradient (its norm, before clipping at 0.3, is logged) and the same parameters."""

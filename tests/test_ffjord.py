@@ -18,7 +18,7 @@ from models.architectures import build_model, ffjord
 from models.nets.ode_nets import ODENet
 from models.transforms.continuous.cnf import CNF, SolverSettings
 from models.transforms.continuous.trace import exact_trace, hutchinson_trace, sample_noise
-from tests.helpers import ROOT, SUBSET, assert_invertible, needs_subset, read_metric, run_command
+from tests.helpers import ROOT, SUBSET, assert_invertible, read_metric, run_command
 
 TIGHT = SolverSettings("dopri5", atol=1e-10, rtol=1e-10)
 
@@ -268,7 +268,6 @@ def test_paper_configs_structure():
     assert cfg["model"]["logit_alpha"] == 0.05 and not cfg["model"]["train_end_time"]
 
 
-@needs_subset
 def test_a_few_training_steps_lower_bpd_on_the_subset(tmp_path):
     """A tiny RNODE-regularised CNF (fixed-step rk4) trained 15 steps through train.py."""
     out = tmp_path / "run"

@@ -319,8 +319,6 @@ def _run(args):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    if not os.path.isfile(SUBSET):
-        pytest.skip("needs ../shared/data/cifar10_subset.npz beside the checkout")
     out = tmp_path_factory.mktemp("flowpp") / "run"
     _run(["train.py", "experiments/flowpp_small.yaml", "--out", str(out), *CLI_TINY,
           "train.steps=30", "train.eval_every=30"])

@@ -25,7 +25,7 @@ from models.core.distributions import LOG_2PI
 from models.transforms.bijections.batch_norm import BatchNormBijection
 from models.transforms.surjections.split import Split
 from models.transforms.surjections.uniform_dequantization import UniformDequantization
-from tests.helpers import jacobian_logdet, needs_subset, perturb_parameters, read_metric, run_command
+from tests.helpers import jacobian_logdet, perturb_parameters, read_metric, run_command
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 DATA_SHAPE = (3, 4, 4)
@@ -97,7 +97,6 @@ def test_paper_config_parameter_count():
     assert cfg["train"]["weight_decay"] == 5e-5
 
 
-@needs_subset
 def test_small_config_trains_through_train_py(tmp_path):
     out = tmp_path / "rn"
     args = [sys.executable, "train.py", "experiments/realnvp_small.yaml", "--out", str(out),

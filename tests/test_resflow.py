@@ -19,7 +19,7 @@ from models.nets.resflow_nets import ConvResidualNet, FCResidualNet
 from models.transforms.bijections.actnorm import ActNorm
 from models.transforms.residual.iresblock import InvertibleResidualBlock
 from models.transforms.residual.logdet_estimators import exact_logdet, roulette_weights, survival
-from tests.helpers import (SUBSET, assert_invertible, assert_ldj_matches_jacobian, needs_subset, read_metric,
+from tests.helpers import (SUBSET, assert_invertible, assert_ldj_matches_jacobian, read_metric,
                            run_command)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -332,7 +332,6 @@ def test_configs_resolve():
 
 # ---- training through the CLI ------------------------------------------------------------------
 
-@needs_subset
 def test_training_lowers_test_bpd(tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "train.py", "experiments/resflow_small.yaml", "--out", str(out),
@@ -404,7 +403,6 @@ def test_resflow_builds_and_trains_with_1_and_inf_norms(norms):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-@needs_subset
 def test_resume_continues_the_same_run(tmp_path):
     """Resuming restores weights, optimizer and the power-iteration vectors: the next losses match."""
     common = [sys.executable, "train.py", "experiments/resflow_small.yaml", "model.steps=[1,1]",

@@ -26,7 +26,7 @@ from engine.model_file import ModelFile
 from engine.run import load_run
 from engine.run_lock import LOCK_NAME, RunLock
 from engine.setup import make_model, make_optimizer
-from tests.helpers import ROOT, SUBSET, needs_subset, read_metric, run_command
+from tests.helpers import ROOT, SUBSET, read_metric, run_command
 from tests.test_training import TINY, train
 
 EXPERIMENTS = os.path.join(ROOT, "experiments")
@@ -170,7 +170,6 @@ def test_a_checkpoint_of_another_family_than_its_run_config_is_refused(tmp_path)
 
 # ---- 2. a diverging run never replaces the last good checkpoint -------------------------------------
 
-@needs_subset
 def test_a_diverging_run_keeps_the_good_checkpoint_byte_for_byte(tmp_path):
     out = tmp_path / "run"
     train(out, "train.steps=2", "train.checkpoint_every=2")
@@ -190,7 +189,6 @@ def test_a_diverging_run_keeps_the_good_checkpoint_byte_for_byte(tmp_path):
     assert 1.0 < json.load(open(tmp_path / "e.json"))["bpd"] < 9.0
 
 
-@needs_subset
 def test_nonfinite_rollback_returns_to_the_last_good_checkpoint_with_a_lower_lr(tmp_path):
     out = tmp_path / "run"
     train(out, "train.steps=2", "train.checkpoint_every=2")
@@ -208,7 +206,6 @@ def test_nonfinite_rollback_returns_to_the_last_good_checkpoint_with_a_lower_lr(
     assert moved and all(r["step"] > 2 for r in moved)
 
 
-@needs_subset
 def test_keep_checkpoints_best_and_the_exported_model(tmp_path):
     out = tmp_path / "run"
     train(out, "train.steps=6", "train.checkpoint_every=2", "train.eval_every=2", "train.keep_checkpoints=2",
@@ -252,7 +249,6 @@ def test_run_lock_is_exclusive_and_recognises_stale_locks(tmp_path):
         assert lock.stale["pid"] == pid and f"process {pid}" in lock.stale_message()
 
 
-@needs_subset
 def test_a_second_run_on_a_directory_in_use_exits_with_one_line(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -266,7 +262,6 @@ def test_a_second_run_on_a_directory_in_use_exits_with_one_line(tmp_path):
     assert not (out / LOCK_NAME).exists()
 
 
-@needs_subset
 def test_resume_after_a_crash_tidies_the_run_directory(tmp_path):
     out = tmp_path / "run"
     train(out, "train.steps=2", "train.checkpoint_every=2")
@@ -327,7 +322,6 @@ def test_image_files_the_model_cannot_code_are_refused(tmp_path):
     assert not matches_files(rgb.transpose(2, 0, 1)[None], [rgba])
 
 
-@needs_subset
 def test_compress_refuses_alpha_and_a_grayscale_idf_codes_grayscale_pngs(tmp_path):
     from engine.trainer import run_training
     with np.load(SUBSET) as f:
@@ -408,7 +402,6 @@ def test_malformed_config_structure_is_one_line_errors(tmp_path):
         resolve([{"model": "glow"}])
 
 
-@needs_subset
 def test_bad_training_inputs_are_one_line_errors(tmp_path):
     as_list = tmp_path / "list.yaml"
     as_list.write_text("- model\n- train\n")

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from engine.checkpoint import load_checkpoint, save_checkpoint
-from tests.helpers import SUBSET, needs_subset, read_metric
+from tests.helpers import SUBSET, read_metric
 from tests.helpers import run_command as run
 
-pytestmark = needs_subset
 
 TINY = [
     "model.levels=2", "model.steps=2", "model.hidden_channels=16",
