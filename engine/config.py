@@ -36,9 +36,9 @@ from models.architectures import ARCHITECTURES, architecture, dequantizer_ranges
 
 DEFAULTS = {
     "data": {
-        "name": "cifar10",       # images: cifar10 | npz | mnist | fashion_mnist; vectors: toy2d | none
+        "name": "cifar10",       # images: cifar10 | npz | mnist | fashion_mnist | prepared; vectors: toy2d | none
         "root": "datasets",      # where torchvision data lives / downloads to
-        "path": None,            # the .npz file for name=npz
+        "path": None,            # the .npz file for name=npz; the directory for name=prepared
         "download": True,
         "n_bits": 8,
         "hflip": False,          # random horizontal flips (train split only)
@@ -106,7 +106,7 @@ OPTIONAL_TYPES = {
 }
 
 CHOICES = {
-    ("data", "name"): ("cifar10", "npz", "mnist", "fashion_mnist", "toy2d", "none"),
+    ("data", "name"): ("cifar10", "npz", "mnist", "fashion_mnist", "prepared", "toy2d", "none"),
     ("data", "toy"): toy2d.DATASETS,
     ("train", "optimizer"): ("adam", "adamw", "adamax"),
     ("train", "schedule"): ("constant", "cosine", "exponential"),
