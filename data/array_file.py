@@ -36,7 +36,7 @@ MANIFEST = "manifest.json"
 FORMAT = "flowlab-prepared"
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")
-HASH_CHUNK = 1 << 24  # bytes per read while hashing
+HASH_CHUNK = 1 << 20  # bytes per read while hashing (small: a big buffer would stay in the heap)
 
 
 class MappedImages:
