@@ -16,7 +16,7 @@ applied per batch (x >> (8 - n_bits)) and ``data.max_train`` / ``max_test`` are 
 
 The sha256 of each split's array bytes (the data after the .npy header) is checked at every load
 (with ordinary reads, which fill the shared page cache without mapping the file into the
-process: about 1-2 s per GB); a missing, truncated, corrupted or differently shaped file, or a
+process; 16 s for the 4.1 GB of a generated ImageNet-32-size set, cold cache, loaded machine); a missing, truncated, corrupted or differently shaped file, or a
 manifest that does not match its files, is one clear error.
 """
 from __future__ import annotations
