@@ -119,6 +119,9 @@ def load_dataset(name: str, root: str = "datasets", path: str | None = None, dow
     for split, images in (("train", train), ("test", test)):
         if len(images) == 0:
             raise FlowlabError(f"data set {name!r} has no {split} images ({source})")
+    if isinstance(train, np.memmap):  # a prepared set (data/array_file.py): mapped, gathered per batch
+        from data.array_file import mapped_dataset
+        return mapped_dataset(path, train, test, source, name, n_bits, max_train, max_test)
     labels = [_labels(y, len(x), f"data set {name!r} ({split})")
               for y, x, split in ((train_labels, train, "train"), (test_labels, test, "test"))]
     if max_train is not None or max_test is not None:
@@ -273,3 +276,6 @@ register("mnist")(_load_idx_set("MNIST", "MNIST"))
 register("fashion_mnist")(_load_idx_set(
     "Fashion-MNIST", "FashionMNIST",
     ", or run `apt-get install -y dataset-fashion-mnist` (installs to /usr/share/datasets/fashion-mnist)"))
+
+
+import data.array_file  # noqa: E402,F401  (registers "prepared": memory-mapped prepared sets)

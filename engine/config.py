@@ -38,9 +38,9 @@ from models.architectures import ARCHITECTURES, architecture, dequantizer_ranges
 DEFAULTS = {
     "data": {
         "name": "cifar10",       # images: cifar10 | cifar10_default | npz | mnist | fashion_mnist | imagenet32 |
-                                 # imagenet64 | celeba | celeba_hq | folder (data.LOADERS); vectors: toy2d | none
+                                 # imagenet64 | celeba | celeba_hq | folder | prepared (data.LOADERS); vectors: toy2d | none
         "root": "datasets",      # where torchvision data lives / downloads to (and the other sets' parent folder)
-        "path": None,            # the .npz file for name=npz; the folder for folder / celeba_hq / imagenet* / celeba
+        "path": None,            # the .npz file for name=npz; the folder for folder / celeba_hq / imagenet* / celeba / prepared
         "version": "new",        # imagenet32/64: new (Chrabaszcz et al. 2017, npz) | old (van den Oord et al. 2016, PNG)
         "image_size": None,      # folder (required), celeba (64), celeba_hq (256): images resized to this
         "center_crop": 148,      # celeba: side of the central crop taken before resizing (Real NVP's 148)
