@@ -126,26 +126,26 @@ def test_gradients_reach_the_student_and_never_the_teacher():
     assert all(p.grad is None for p in teacher.parameters())
 
 
+def _fit(model, objective, draw, steps: int) -> None:
+    """``steps`` Adam steps (lr 3e-3, clipping at 100) of ``objective`` on the batches ``draw(step)``."""
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        objective.start_step(step)
+        loss = objective(model, draw(step))[0]
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 100.0)
+        opt.step()
+
+
 def test_a_short_distillation_reduces_the_kl(one_thread):
     torch.manual_seed(0)
-    teacher, fit = _flow("maf", steps=4), NegativeLogLikelihood()
-    opt = torch.optim.Adam(teacher.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
-    for _ in range(60):  # a rough two-moons teacher
-        loss, _ = fit(teacher, toy2d.sample("two_moons", 128, g))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    teacher = _flow("maf", steps=4)
+    _fit(teacher, NegativeLogLikelihood(), lambda _: toy2d.sample("two_moons", 128, g), 60)  # a rough teacher
     objective, student = DensityDistillation(teacher=teacher), _flow("iaf", steps=4)
     before = objective.evaluate(student, None, SMALL_EVAL)
-    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
-    for step in range(60):
-        objective.start_step(step)
-        loss, _ = objective(student, objective.draw_batch(student, 128, g))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 100.0)
-        opt.step()
+    _fit(student, objective, lambda _: objective.draw_batch(student, 128, g), 60)
     after = objective.evaluate(student, None, SMALL_EVAL)
     assert after["kl"] < before["kl"] - 5 * (before["kl_stderr"] + after["kl_stderr"]), (before["kl"], after["kl"])
 
