@@ -342,7 +342,10 @@ class ReverseKL(Annealed):
                 "nonfinite_note": "left out"}
 
 
-OBJECTIVES = {"bpd": BitsPerDim, "nll": NegativeLogLikelihood, "elbo": NegativeELBO, "reverse_kl": ReverseKL}
+from engine.objective_distill import DensityDistillation  # noqa: E402 (it subclasses ReverseKL above)
+
+OBJECTIVES = {"bpd": BitsPerDim, "nll": NegativeLogLikelihood, "elbo": NegativeELBO, "reverse_kl": ReverseKL,
+              "distill": DensityDistillation}
 DEFAULT_OBJECTIVE = "bpd"
 
 

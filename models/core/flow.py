@@ -35,6 +35,13 @@ arXiv:1505.05770 §3-4) uses the layers' ``forward`` as the sampling map from th
 ``push_forward(z0)`` gives (x, log q(x)) with gradients (also as ``model(z0, as_sampler=True)``,
 so a DistributedDataParallel wrapper runs it), ``push_forward_log_prob(x)`` the density
 of those samples at given points (z0 found through the layers' inverses).
+
+The model's own sampler (``sample``: the layers' inverses) with its density, with gradients,
+is ``sample_with_log_prob(z0)`` (also ``model(z0, as_sampler="inverse")``):
+
+    x = T^-1(z0),   log p(x) = log p_base(z0) - sum_k log|det dx_k/dz_k|  (= log_prob(x))
+
+one MADE pass per IAF layer (density distillation, arXiv:1711.10433 §3).
 """
 from __future__ import annotations
 
@@ -77,7 +84,10 @@ class Flow(LayerHooks):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, return_aux: bool = False,
                 as_sampler: bool = False):
         """``log_prob(x)`` (with ``return_aux``: and the auxiliary losses); with ``as_sampler``,
-        ``x`` is base noise z0 and the result ``push_forward(z0)``."""
+        ``x`` is base noise z0 and the result ``push_forward(z0)`` (``as_sampler="inverse"``:
+        ``sample_with_log_prob(z0)``)."""
+        if as_sampler == "inverse":
+            return self.sample_with_log_prob(x, context)
         if as_sampler:
             return self.push_forward(x, context)
         return self.log_prob_aux(x, context) if return_aux else self.log_prob(x, context)
@@ -94,6 +104,13 @@ class Flow(LayerHooks):
         """log q(x) of ``push_forward``'s samples at the points ``x``: z0 = T^-1(x) through the
         layers' inverses, then log p_base(z0) - sum_k ldj_k."""
         return self.push_forward(self.transforms.inverse(x, context), context)[1]
+
+    def sample_with_log_prob(self, z0: torch.Tensor, context: torch.Tensor | None = None):
+        """(x, log p(x)) of the model's own sampler, both with gradients: x = T^-1(z0) through
+        the layers' ``inverse_with_ldj`` (``sample`` at temperature 1) and
+        log p(x) = log p_base(z0) - sum_k log|det dx/dz|_k, equal to ``log_prob(x)``."""
+        x, ldj = self.transforms.inverse_with_ldj(z0, context)
+        return x, self.base.log_prob(z0) - ldj.to(torch.promote_types(ldj.dtype, torch.float32))
 
     # --- what the number is ------------------------------------------------------------
     @property

@@ -32,6 +32,10 @@ class IAF(Transform):
     def inverse(self, z, context=None, *, temperature=1.0):
         return denormalize_one_pass(self.made, z, context)[0]
 
+    def inverse_with_ldj(self, z, context=None):
+        """(x, log|det dx/dz|) in one pass (the generic fallback would run the D-pass forward)."""
+        return denormalize_one_pass(self.made, z, context)
+
     def sample_with_logdet(self, z, context=None):
         """x = inverse(z) and log|det dx/dz| = sum alpha(z), from one pass."""
-        return denormalize_one_pass(self.made, z, context)
+        return self.inverse_with_ldj(z, context)
