@@ -63,7 +63,8 @@ def evaluate_run(run_dir: str, split: str, batch_size: int | None, device: str, 
                ident=lambda k: identity(weights, info["step"], seed, data_sha, int(images.shape[0]), split, k))
     result = _bound(**job, k=1)
     iw = None
-    if result["complete"] and iw_samples > 1 and model.is_stochastic:
+    if iw_samples > 1 and model.is_stochastic:  # --max-chunks is this call's budget over both bounds
+        job["max_chunks"] = None if max_chunks is None else max_chunks - result["chunks_run"]
         iw = _bound(**job, k=iw_samples)
         iw["bound"] = bound_name("bound", iw_samples)
     _check_finite_result(result, run_dir, split)

@@ -64,6 +64,10 @@ class NoisePerImage(TorchDispatchMode):
         self.generators = [torch.Generator().manual_seed(s) for s in row_seeds]
         self.shared_draws = 0
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False  # nothing here is compiled: spares every process the ~seconds of importing torch._dynamo
+
     def _rows(self, kind: str, shape, dtype, device, low=0, high=None) -> torch.Tensor:
         draw_dtype = dtype if kind == "int" or dtype in (torch.float32, torch.float64) else torch.float32
         out = []
