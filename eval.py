@@ -4,6 +4,14 @@
     python eval.py --table RUN_DIR [RUN_DIR ...]
     python eval.py RUN_DIR --iw-samples 4096 [--iw-chunk 64]
     python eval.py model.safetensors            # an exported (shared) model; or a checkpoint file (best.pt)
+    accelerate launch --multi_gpu --num_processes N eval.py RUN_DIR --iw-samples K   # split over N processes
+    python eval.py RUN_DIR --iw-samples K --max-chunks C   # stop after C chunks; the same command continues
+
+Per-image bits/dim are kept in ``RUN_DIR/eval/<split>-<bound>-K<k>/`` as they are computed
+(``engine.eval_store``; ``--eval-dir``, ``--chunk-images``, ``--fresh``), each image's noise keyed by
+(seed, image index) (``engine.per_image``), so 1 or N processes and interrupted or not give the
+same number; ``eval.json["protocol"]`` and the table's columns say what the number is
+(``engine.eval_protocol``), and ``--table`` adds paired differences against the first run.
 
 bits/dim is the mean over the whole split +- its standard error; the output says whether
 each image's number is exact (IDF), an estimate (stochastic log-dets) or a bound.  For models with
