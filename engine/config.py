@@ -92,6 +92,8 @@ DEFAULTS = {
         "max_examples": None,    # None = the whole split (no data: 10000 fresh samples)
         "iw_samples": 1,         # importance samples per example where the objective has an IS estimate (elbo)
         "iw_chunk": 64,          # importance samples per forward pass
+        "seed": None,            # noise seed of eval.py's per-image draws; None = train.seed
+        "chunk_images": None,    # eval.py: images per resumable chunk; None = about 2^16 forwards (>= 1 per process)
     },
     "sample": {
         "n": 64,
@@ -109,6 +111,7 @@ DEFAULTS = {
 OPTIONAL_TYPES = {
     ("data", "path"): "", ("data", "image_size"): 0, ("data", "max_train"): 0, ("data", "max_test"): 0,
     ("train", "time_limit_minutes"): 0.0, ("eval", "max_examples"): 0,
+    ("eval", "seed"): 0, ("eval", "chunk_images"): 0,
     ("paper", "name"): "", ("paper", "bpd"): 0.0, ("paper", "params"): 0, ("paper", "source"): "",
 }
 
@@ -147,6 +150,7 @@ RANGES = {
     ("train", "rollback_lr_factor"): between(0, 1, lo_open=True, hi_open=True),
     ("eval", "batch_size"): at_least(1), ("eval", "max_examples"): at_least(1),
     ("eval", "iw_samples"): at_least(1), ("eval", "iw_chunk"): at_least(1),
+    ("eval", "seed"): between(0, 2**63 - 1), ("eval", "chunk_images"): at_least(1),
     ("sample", "n"): at_least(1), ("sample", "temperatures"): each(at_least(0), min_length=1),
     ("paper", "name"): ANY, ("paper", "bpd"): above(0), ("paper", "params"): at_least(1), ("paper", "source"): ANY,
 }

@@ -35,6 +35,7 @@ class ModelFile:
     images_seen: int = 0
     ema: bool = False               # the weights are the EMA's
     num_params: int | None = None
+    world_size: int | None = None   # training processes (files written before it was recorded: None)
     path: str | None = dataclasses.field(default=None, compare=False)
 
     @classmethod
@@ -46,13 +47,15 @@ class ModelFile:
         if state.ema is not None:
             weights = {k: v.to(state.model[k].dtype) for k, v in state.ema["shadow"].items()}
         return cls(config=state.config, weights=weights, data_shape=tuple(state.data_shape), step=state.step,
-                   images_seen=state.images_seen, ema=state.ema is not None, num_params=state.num_params)
+                   images_seen=state.images_seen, ema=state.ema is not None, num_params=state.num_params,
+                   world_size=state.world_size)
 
     def save(self, path: str) -> None:
         meta = {"format_version": FORMAT_VERSION, "config": json.dumps(self.config),
                 "data_shape": json.dumps(list(self.data_shape)), "step": self.step,
                 "images_seen": self.images_seen, "weights": "ema" if self.ema else "raw",
-                "num_params": "" if self.num_params is None else self.num_params}
+                "num_params": "" if self.num_params is None else self.num_params,
+                "world_size": "" if self.world_size is None else self.world_size}
         tensor_file.write_tensors(path, self.weights, {tensor_file.KIND_KEY: KIND, **meta})
 
     @classmethod
@@ -66,6 +69,7 @@ class ModelFile:
             shape = tuple(json.loads(meta["data_shape"]))
             step, images_seen = int(meta["step"]), int(meta["images_seen"])
             num_params = int(meta["num_params"]) if meta.get("num_params") else None
+            world_size = int(meta["world_size"]) if meta.get("world_size") else None
             ema = {"ema": True, "raw": False}[meta["weights"]]
         except (KeyError, ValueError, TypeError) as e:
             raise FlowlabError(f"{path} is a damaged flowlab model file ({type(e).__name__} in its header)") from None
@@ -78,4 +82,4 @@ class ModelFile:
         if not all(isinstance(v, torch.Tensor) for v in weights.values()):
             raise FlowlabError(f"{path} is a damaged flowlab model file")
         return cls(config=config, weights=weights, data_shape=shape, step=step, images_seen=images_seen,
-                   ema=ema, num_params=num_params, path=path)
+                   ema=ema, num_params=num_params, world_size=world_size, path=path)

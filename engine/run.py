@@ -90,7 +90,7 @@ def load_run(path: str, use_ema: bool = True, device: str | torch.device = "cpu"
         model = make_model(cfg, exported.data_shape, cfg.data.n_bits)
         load_model_state(model, exported.weights, source)
         info = {"step": exported.step, "images_seen": exported.images_seen, "ema": exported.ema,
-                "num_params": exported.num_params}
+                "num_params": exported.num_params, "world_size": exported.world_size}
     else:
         state = TrainingState.load(source)
         cfg = RunConfig.from_resolved(state.config)
@@ -104,6 +104,7 @@ def load_run(path: str, use_ema: bool = True, device: str | torch.device = "cpu"
             ema = EMA(model, 0.0)
             state.restore(ema=ema)
             ema.copy_to(model)
-        info = {"step": state.step, "images_seen": state.images_seen, "ema": with_ema, "num_params": state.num_params}
+        info = {"step": state.step, "images_seen": state.images_seen, "ema": with_ema, "num_params": state.num_params,
+                "world_size": state.world_size}
     _check_finite(model, source)
     return cfg, model.to(device).eval(), info
