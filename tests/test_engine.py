@@ -64,7 +64,7 @@ def test_objective_section_is_checked_like_model_keys():
     glow = {"model": {"name": "glow"}}
     assert resolve(glow)["objective"] == {"name": "bpd"}
     assert resolve({**glow, "objective": {"name": "bpd"}})["objective"] == {"name": "bpd"}
-    with pytest.raises(FlowlabError, match="unknown objective.name 'hinge'; known: bpd, elbo, nll, reverse_kl"):
+    with pytest.raises(FlowlabError, match="unknown objective.name 'hinge'; known: bpd, distill, elbo, nll, reverse_kl"):
         resolve({**glow, "objective": {"name": "hinge"}})
     with pytest.raises(FlowlabError, match="unknown config key 'objective.beta'"):
         resolve({**glow, "objective": {"beta": 1.0}})
@@ -165,7 +165,8 @@ def test_checkpoints_in_the_format_1_layout_load_through_the_new_api(tmp_path):
     # load_run: the EMA weights by default, the raw ones on request
     run_cfg, loaded, info = load_run(str(tmp_path))
     assert isinstance(run_cfg, RunConfig) and info == {"step": 7, "images_seen": 112, "ema": True,
-                                                       "num_params": old["num_params"]}
+                                                       "num_params": old["num_params"],
+                                                       "world_size": old["world_size"]}
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, ema.shadow[k].to(v.dtype)), k
     _, raw, info = load_run(str(tmp_path), use_ema=False)
