@@ -15,7 +15,9 @@ with no dequantization (``dequantizer.kind`` is ``none``).  Masks alternate thei
 step: ``checkerboard`` (spatial), ``channel`` (channel halves; needs C >= 2) or ``alternate``
 (checkerboard, checkerboard, channel, channel, ...; checkerboard only when C = 1).
 ``scale: false`` keeps only the shift (location-only flows); ``tau`` is the temperature of the
-straight-through softmax gradient.  Conditioners: IDF's DenseNets (``hidden_blocks`` dense
+straight-through softmax gradient; ``normalize_logits`` standardises each logit vector over its
+classes before it (not in the paper; see ``modular_coupling``: without it the straight-through
+gradient dies once the softmax saturates).  Conditioners: IDF's DenseNets (``hidden_blocks`` dense
 layers growing by ``hidden_channels`` in all).
 """
 from __future__ import annotations
@@ -35,7 +37,8 @@ DEFAULTS = {
     "hidden_blocks": 2,       # dense layers per conditioner
     "mask": "alternate",      # checkerboard | channel | alternate
     "scale": True,            # sigma (a unit mod K) as well as the shift mu
-    "tau": 0.25,              # straight-through temperature: backward is d softmax(logits / tau)
+    "tau": 1.0,               # straight-through temperature: backward is d softmax(logits / tau)
+    "normalize_logits": True, # standardise each logit vector first (ours: keeps the softmax from saturating)
 }
 RANGES = {  # valid values of the numeric keys (engine.config checks them)
     "steps": at_least(1), "hidden_channels": at_least(1), "hidden_blocks": at_least(1), "tau": above(0),
@@ -64,5 +67,6 @@ def build(cfg: dict, data_shape: tuple[int, int, int], num_bits: int, dequantize
     stack = LayerStack(data_shape).add(OneHot(k))
     for step in range(cfg["steps"]):
         net = DenseNet(c * k, c * logit_channels(k, cfg["scale"]), cfg["hidden_channels"], cfg["hidden_blocks"])
-        stack.add(ModularCoupling(net, step_mask(cfg["mask"], step, data_shape), k, cfg["tau"], cfg["scale"]))
+        stack.add(ModularCoupling(net, step_mask(cfg["mask"], step, data_shape), k, cfg["tau"], cfg["scale"],
+                                  cfg["normalize_logits"]))
     return Flow(stack.transforms, FactorizedCategorical(stack.shape), data_shape)

@@ -13,6 +13,13 @@ The network sees the one-hots of the kept elements, the transformed ones zeroed,
 C * K channels, and emits C * (K + U) logit channels (U = number of units; 0 when the scale is
 off or K = 2, where 1 is the only unit and only the shift acts).  A zero-initialised last layer
 gives mu = 0, sigma = 1 (the first maximal logit): the layer starts as the identity.
+
+``normalize`` (ours, not the paper's): each element's logit vector is standardised over its
+classes, theta = (a - mean a) / sqrt(var a + 1), before the straight-through step.  The argmax
+(the forward) is unchanged; the backward softmax(theta / tau) can then never saturate.  Without
+it the logits grow under Adam until softmax(theta / tau) is one-hot for every element, the
+gradient of the minority elements vanishes and mu, sigma freeze at what the majority wants (on
+``tests/test_discrete_flows.py``'s correlated toy the raw version never leaves the identity).
 """
 from __future__ import annotations
 
@@ -31,13 +38,22 @@ def logit_channels(num_classes: int, scale: bool = True) -> int:
     return num_classes + (n_units if scale and n_units > 1 else 0)
 
 
+def standardize(logits: torch.Tensor) -> torch.Tensor:
+    """(a - mean a) / sqrt(var a + 1) over the last dimension: the argmax is unchanged, small
+    logits pass nearly as they are (a zero-initialised net stays smooth), large ones are scaled
+    to unit variance (|theta| <= sqrt(K - 1))."""
+    centred = logits - logits.mean(dim=-1, keepdim=True)
+    return centred / (centred.pow(2).mean(dim=-1, keepdim=True) + 1.0).sqrt()
+
+
 class ModularCoupling(Transform):
     discrete = True
 
-    def __init__(self, net: nn.Module, mask: torch.Tensor, num_classes: int, tau: float = 1.0, scale: bool = True):
+    def __init__(self, net: nn.Module, mask: torch.Tensor, num_classes: int, tau: float = 1.0, scale: bool = True,
+                 normalize: bool = True):
         """``mask``: (C, H, W), 1 on the kept elements; ``net``: (B, C*K, H, W) -> (B, C * logit_channels, H, W)."""
         super().__init__()
-        self.net, self.num_classes, self.tau = net, num_classes, tau
+        self.net, self.num_classes, self.tau, self.normalize = net, num_classes, tau, normalize
         self.scale = scale and len(units(num_classes)) > 1
         self.register_buffer("mask", mask.bool(), persistent=False)
         self.register_buffer("units", torch.tensor(units(num_classes), dtype=torch.long), persistent=False)
@@ -49,7 +65,10 @@ class ModularCoupling(Transform):
         b, c, h, w, k = x.shape
         kept = (x * self.mask.unsqueeze(-1).to(x.dtype)).movedim(-1, 2).reshape(b, c * k, h, w)
         out = self.net(kept).to(x.dtype).reshape(b, c, -1, h, w).movedim(2, -1)
-        return out[..., :k], (out[..., k:] if self.scale else None)
+        mu, sigma = out[..., :k], (out[..., k:] if self.scale else None)
+        if self.normalize:
+            mu, sigma = standardize(mu), (None if sigma is None else standardize(sigma))
+        return mu, sigma
 
     def forward(self, x, context=None):
         mu_logits, sigma_logits = self.logits(x)
