@@ -28,9 +28,8 @@ from models.transforms.discrete.modular_coupling import ModularCoupling, logit_c
 from models.transforms.discrete.one_hot import OneHot
 from models.transforms.discrete.straight_through import straight_through_one_hot
 from tests.helpers import (ROOT, assert_invertible, build_flow, meta_parameter_count, perturb_parameters,
-                           read_metric, resolve_overrides, run_command)
+                           resolve_overrides)
 
-STEPS = 80
 KS = [2, 3, 4, 5, 6, 8, 256]
 
 
