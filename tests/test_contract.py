@@ -77,6 +77,7 @@ TINY = {
     "argmax": ["data.n_bits=3", "model.levels=2", "model.steps=1", "model.hidden_channels=8", "dequantizer.steps=1",
                "dequantizer.hidden_channels=8", "dequantizer.hidden_blocks=1", "dequantizer.components=3",
                "dequantizer.heads=2", "dequantizer.context_channels=4", "dequantizer.context_blocks=1"],
+    "discrete_flow": ["data.n_bits=2", "model.steps=2", "model.hidden_channels=8", "model.hidden_blocks=1"],
     # vectors: 2-D toy data, trained by maximum likelihood in nats
     "vector_flow": ["model.flow=realnvp", "model.steps=2", "model.hidden_channels=8", "model.hidden_blocks=1",
                     "data.name=toy2d", "objective.name=nll"],
@@ -92,6 +93,8 @@ VARIANTS = {
     "flowpp-uniform-dequant": ("flowpp", ["dequantizer.kind=uniform"]),
     "flowpp-argmax-dequant": ("flowpp", ["dequantizer.kind=argmax", "data.n_bits=3"]),
     "argmax-onehot": ("argmax", ["dequantizer.encoding=onehot", "data.n_bits=2"]),
+    "discrete_flow-binary-shift": ("discrete_flow", ["data.n_bits=1", "model.mask=channel", "model.scale=false"]),
+    "discrete_flow-k8-checkerboard": ("discrete_flow", ["data.n_bits=3", "model.mask=checkerboard"]),
     "resflow-plain-backward": ("resflow", ["model.mem_efficient=false"]),
     "ffjord-rnode": ("ffjord", ["model.kinetic_energy=0.01", "model.jacobian_norm2=0.01"]),
     "ffjord-rnode-concatsquash": ("ffjord", ["model.kinetic_energy=0.01", "model.jacobian_norm2=0.01",
@@ -125,6 +128,7 @@ LIKELIHOOD = {
     "ffjord": ("bound", True, False),    # uniform dequantization; Hutchinson's trace on top
     "idf": ("exact", False, True),
     "argmax": ("bound", False, False),
+    "discrete_flow": ("exact", False, True),  # mod-K bijections of one-hots, a categorical base
     "vector_flow": ("exact", False, False),  # every kind: closed-form log-dets, no noise
     "flow_vae": ("bound", False, False),     # the ELBO: a bound on log p(x) (checked against importance sampling)
 }
@@ -135,7 +139,7 @@ LIKELIHOOD = {
 # flattened by the model, objective elbo: the flow-VAE, which is not a Flow).
 DATA_KIND = {
     "glow": "image", "flowpp": "image", "resflow": "image", "realnvp": "image", "ffjord": "image", "idf": "image",
-    "argmax": "image", "vector_flow": "vector", "flow_vae": "binary",
+    "argmax": "image", "discrete_flow": "image", "vector_flow": "vector", "flow_vae": "binary",
 }
 OBJECTIVE_OF_KIND = {"image": "bpd", "vector": "nll", "binary": "elbo"}
 VAE_SHAPE = (1, 8, 8)

@@ -20,6 +20,7 @@ ARCHITECTURES = {
     "ffjord": "models.architectures.ffjord",
     "idf": "models.architectures.idf",
     "argmax": "models.architectures.argmax",
+    "discrete_flow": "models.architectures.discrete_flow",
     "vector_flow": "models.architectures.vector_flow",
     "flow_vae": "models.architectures.flow_vae",
 }
