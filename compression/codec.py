@@ -70,6 +70,10 @@ class FlowCodec:
         if not getattr(model, "is_discrete", False):
             raise FlowlabError(f"{type(model).__name__} is not an integer flow with discrete priors; "
                                "compression needs an IDF (model.name: idf)")
+        if not hasattr(model.base, "distribution"):  # the discretized-logistic priors' interval tables
+            raise FlowlabError(f"the rANS codec codes integer latents under discretized-logistic priors (IDF); "
+                               f"this model's prior {type(model.base).__name__} has no interval probabilities "
+                               "(model.name: idf)")
         if not 1 <= chunk <= 65535:
             raise FlowlabError(f"chunk must be in 1..65535, got {chunk}")
         self.fingerprint = model_fingerprint(model)

@@ -317,3 +317,12 @@ def test_experiment_configs_build(config, n_bits, shape):
     cfg = load_config(f"{ROOT}/experiments/{config}")
     assert cfg["model"]["name"] == "discrete_flow" and cfg["data"]["n_bits"] == n_bits
     assert 0 < meta_parameter_count(cfg, shape) < 5_000_000
+
+
+def test_the_rans_codec_refuses_a_discrete_flow_with_one_clear_error():
+    from compression.codec import FlowCodec
+
+    cfg = resolve_overrides(["model.name=discrete_flow", "data.n_bits=2", "model.steps=1", "model.hidden_channels=4",
+                             "model.hidden_blocks=1"])
+    with pytest.raises(FlowlabError, match="discretized-logistic priors"):
+        FlowCodec(build_flow(cfg, (3, 4, 4)), num_bits=2)
