@@ -342,7 +342,9 @@ class ReverseKL(Annealed):
                 "nonfinite_note": "left out"}
 
 
-OBJECTIVES = {"bpd": BitsPerDim, "nll": NegativeLogLikelihood, "elbo": NegativeELBO, "reverse_kl": ReverseKL}
+from engine.objective_bnn import BayesianClassification  # noqa: E402 (it subclasses Annealed, above)
+OBJECTIVES = {"bpd": BitsPerDim, "nll": NegativeLogLikelihood, "elbo": NegativeELBO, "reverse_kl": ReverseKL,
+              "bnn": BayesianClassification}
 DEFAULT_OBJECTIVE = "bpd"
 
 
