@@ -51,10 +51,11 @@ class MNFLayer(MeanFieldLayer):
         """The bound's three terms, each (samples,): ``conditional`` KL(q(W|z)||p(W)), ``log_q``
         log q(z), ``log_r`` log r(z | W) (W ~ q(W | z) through c^T W)."""
         z, log_q = self.noise.sample(samples)
-        var = self.weight_var
-        conditional = torch.stack([kl_to_zero_mean(self.layout.noise_view(zi) * self.weight_mean, var, self.prior_var)
-                                   for zi in z])
-        mean_a = self.reverse.mean_activation(z, self.layout.noise_major(self.weight_mean), self.layout.noise_major(var))
+        var, mean_rows = self.weight_var, self.layout.noise_major(self.weight_mean)
+        # KL(N(z_i mu_ij, sigma_ij^2) || N(0, p)) = KL at mean 0 + sum_i z_i^2 sum_j mu_ij^2 / (2 p)
+        conditional = kl_to_zero_mean(torch.zeros_like(var), var, self.prior_var) + (
+            (z * z) @ (mean_rows * mean_rows).sum(1)) / (2 * self.prior_var)
+        mean_a = self.reverse.mean_activation(z, mean_rows, self.layout.noise_major(var))
         return {"conditional": conditional, "log_q": log_q, "log_r": self.reverse.log_prob(z, mean_a)}
 
     def kl(self, samples: int = 1) -> torch.Tensor:

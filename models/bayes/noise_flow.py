@@ -51,6 +51,12 @@ class NoisePosterior(nn.Module):
         z, ldj = self.flow(z0)
         return z, diag_log_prob(z0, self.base_mean, self.base_log_var) - ldj
 
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log q(z) at given points (n, dim): z_0 = f^-1(z) through the couplings' inverses."""
+        z0 = self.flow.inverse(z)
+        _, ldj = self.flow(z0)
+        return diag_log_prob(z0, self.base_mean, self.base_log_var) - ldj
+
 
 class ReverseModel(nn.Module):
     def __init__(self, dim: int, steps: int = 2, hidden_channels: int = 50, squash: bool = True):
