@@ -343,9 +343,10 @@ class ReverseKL(Annealed):
 
 
 from engine.objective_distill import DensityDistillation  # noqa: E402 (it subclasses ReverseKL above)
+from engine.objective_bnn import BayesianClassification  # noqa: E402 (it subclasses Annealed, above)
 
 OBJECTIVES = {"bpd": BitsPerDim, "nll": NegativeLogLikelihood, "elbo": NegativeELBO, "reverse_kl": ReverseKL,
-              "distill": DensityDistillation}
+              "distill": DensityDistillation, "bnn": BayesianClassification}
 DEFAULT_OBJECTIVE = "bpd"
 
 

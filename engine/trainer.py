@@ -132,12 +132,15 @@ class Trainer:
         if self.data.train is None:
             g = torch.Generator().manual_seed(_step_seed(self.cfg.train.seed, step, self.rank))
             return self.objective.draw_batch(self.model, self.cfg.train.batch_size // self.world, g).to(self.acc.device)
-        x = self.data.train[self.batches.indices(step)]
+        indices = self.batches.indices(step)
+        x = self.data.train[indices]
         d = self.cfg.data
         if self.data.kind == "image" and (d.hflip or d.translate > 0):
             g = torch.Generator().manual_seed(_step_seed(self.cfg.train.seed, step, self.rank))
             x = augment(x, d.hflip, d.translate, g)
-        return x.to(self.acc.device)
+        x = x.to(self.acc.device)
+        # a labelled objective (bnn) takes the batch with its labels (engine.objective_bnn.LabelledBatch)
+        return self.objective.with_labels(x, self.data, indices) if getattr(self.objective, "labelled", False) else x
 
     def _any_rank(self, flag: bool) -> bool:
         t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)

@@ -83,7 +83,7 @@ def _shapes(model):
     return [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
 
 
-BORN_IN_V2 = {"vector_flow", "flow_vae", "discrete_flow"}  # families registered with the Contract v2 names: no old configs
+BORN_IN_V2 = {"vector_flow", "flow_vae", "discrete_flow", "bnn"}  # families registered with the Contract v2 names: no old configs
 
 
 def test_every_family_has_an_old_config_here():

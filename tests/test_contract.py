@@ -7,7 +7,8 @@ gradient), and its data-dependent init done (``model.data_init(x)``) on the data
 a family takes is stated once, in ``DATA_KIND`` (``case_data`` / ``Data``: inputs, shape, bits,
 objective): "image" (integer images in [0, 2^bits - 1] of 3x8x8, objective bpd), "vector"
 (continuous (D,) vectors, D = 2 as the toys, objective nll: ``vector_flow``) or "binary"
-(1-bit 1x8x8 images, objective elbo: ``flow_vae``, a VAE, not a Flow).  Then, on the
+(1-bit 1x8x8 images, objective elbo: ``flow_vae``, a VAE, not a Flow) or "labelled" (3x16x16 images
+with class labels, objective bnn: ``bnn``, a Bayesian classifier, not a Flow).  Then, on the
 ``--device`` the suite runs on (``tests/conftest.py``):
 
 * Flows: ``log_prob(x)`` is float32 of shape (B,) and finite; ``model(x, return_aux=True)`` gives
@@ -50,6 +51,7 @@ import pytest
 import torch
 
 from engine.config import load_config
+from engine.objective_bnn import LabelledBatch
 from engine.objectives import build_objective
 from models.architectures import ARCHITECTURES
 from tests.helpers import (ROOT, PixelRangeError, assert_all_parameters_get_gradient, assert_encode_decode_exact,
@@ -84,6 +86,10 @@ TINY = {
     # not a flow: a VAE with K=2 planar posterior steps on 1-bit images, its negative ELBO
     "flow_vae": ["model.flow=planar", "model.steps=2", "model.latent_dim=4", "model.hidden_channels=8",
                  "data.name=fashion_mnist", "data.n_bits=1", "objective.name=elbo"],
+    # not a flow: a Bayesian LeNet (MNF, one flow step each way) on labelled images, its negative ELBO
+    "bnn": ["model.kind=mnf", "model.hidden_channels=[2,3]", "model.fc_hidden_channels=8", "model.num_classes=4",
+            "model.steps=1", "model.reverse_steps=1", "model.flow_hidden_channels=16", "objective.name=bnn",
+            "objective.samples=2"],
 }
 
 # name -> (family, overrides on top of TINY[family]): options that build other layers.
@@ -112,6 +118,9 @@ VARIANTS = {
     "flow_vae-radial": ("flow_vae", ["model.flow=radial"]),
     "flow_vae-iaf": ("flow_vae", ["model.flow=iaf"]),
     "flow_vae-sylvester": ("flow_vae", ["model.flow=sylvester", "model.ortho_vectors=2"]),
+    # the Bayesian classifier's other weight posteriors
+    "bnn-mean_field": ("bnn", ["model.kind=mean_field"]),
+    "bnn-deterministic": ("bnn", ["model.kind=deterministic"]),
 }
 
 # cases whose forward returns auxiliary losses (RNODE's regularisers, one pair per CNF block)
@@ -131,7 +140,14 @@ LIKELIHOOD = {
     "discrete_flow": ("exact", False, True),  # mod-K bijections of one-hots, a categorical base
     "vector_flow": ("exact", False, False),  # every kind: closed-form log-dets, no noise
     "flow_vae": ("bound", False, False),     # the ELBO: a bound on log p(x) (checked against importance sampling)
+    "bnn": ("bound", False, False),          # log p(y | x, W) at a fresh weight draw (tests/test_mnf.py: the bounds)
 }
+# cases whose likelihood differs from their family's
+CASE_LIKELIHOOD = {"bnn-deterministic": ("exact", False, False)}  # point-estimate weights: no noise
+
+
+def likelihood_of(case: str) -> tuple:
+    return CASE_LIKELIHOOD.get(case, LIKELIHOOD[family_of(case)])
 
 # ---- the data each family takes: ONE place ---------------------------------------------------
 # family -> "image" (integer images in [0, 2^bits - 1] of DATA_SHAPE, objective bpd), "vector"
@@ -139,10 +155,11 @@ LIKELIHOOD = {
 # flattened by the model, objective elbo: the flow-VAE, which is not a Flow).
 DATA_KIND = {
     "glow": "image", "flowpp": "image", "resflow": "image", "realnvp": "image", "ffjord": "image", "idf": "image",
-    "argmax": "image", "discrete_flow": "image", "vector_flow": "vector", "flow_vae": "binary",
+    "argmax": "image", "discrete_flow": "image", "vector_flow": "vector", "flow_vae": "binary", "bnn": "labelled",
 }
-OBJECTIVE_OF_KIND = {"image": "bpd", "vector": "nll", "binary": "elbo"}
+OBJECTIVE_OF_KIND = {"image": "bpd", "vector": "nll", "binary": "elbo", "labelled": "bnn"}
 VAE_SHAPE = (1, 8, 8)
+LABELLED_SHAPE = (3, 16, 16)  # the smallest images two 5x5 convolutions and 2x2 poolings take
 
 # families whose samples may leave [0, 2^bits - 1] (a known bug, see the test)
 SAMPLES_LEAVE_THE_PIXEL_RANGE: dict[str, str] = {}  # none today (IDF's samples once did: its shift now clamps)
@@ -181,6 +198,9 @@ class Data:
     objective: dict
 
     def batch(self, n: int, device, generator: torch.Generator | None = None, dtype: torch.dtype | None = None):
+        if self.kind == "labelled":  # integer images with labels in [0, num_classes) of the tiny config (4)
+            labels = torch.randint(0, 4, (n,), generator=generator)
+            return LabelledBatch(random_images(n, self.shape, self.bits, device, generator=generator), labels.to(device))
         if self.kind == "vector":  # continuous vectors, N(0, I)-like (the toys are standardised to that scale)
             return torch.randn(n, *self.shape, generator=generator, dtype=torch.float64).to(
                 dtype or torch.get_default_dtype()).to(device)
@@ -200,6 +220,8 @@ def case_data(case: str) -> Data:
     if kind == "vector":
         assert cfg["data"]["name"] == "toy2d", "vector cases train on the 2-D toys"
         return Data(kind, (2,), None, cfg["objective"])
+    if kind == "labelled":
+        return Data(kind, LABELLED_SHAPE, cfg["data"]["n_bits"], cfg["objective"])
     assert cfg["data"]["n_bits"] == 1, "the flow-VAE takes binary images"
     return Data(kind, VAE_SHAPE, 1, cfg["objective"])
 
@@ -223,7 +245,10 @@ def tiny_model(case: str, device, dtype: torch.dtype | None = None):
 
 
 def density(model, x):
-    """The per-example number a case's model reports: log p(x) of a Flow, the ELBO of the VAE."""
+    """The per-example number a case's model reports: log p(x) of a Flow, the ELBO of the VAE,
+    log p(y | x, W) of the classifier (``x`` a LabelledBatch)."""
+    if isinstance(x, LabelledBatch):
+        return model.log_likelihood(x.images, x.labels)
     return model.log_prob(x) if hasattr(model, "log_prob") else model.elbo(x)
 
 
@@ -234,6 +259,7 @@ def test_every_registered_family_has_a_tiny_config_and_a_stated_likelihood():
         f"tiny configs missing for {sorted(set(ARCHITECTURES) - set(TINY))}, "
         f"stale for {sorted(set(TINY) - set(ARCHITECTURES))}: add the family to TINY in tests/test_contract.py")
     assert set(LIKELIHOOD) == set(ARCHITECTURES), "state each family's likelihood kind in LIKELIHOOD"
+    assert set(CASE_LIKELIHOOD) <= set(VARIANTS)
     assert set(DATA_KIND) == set(ARCHITECTURES), "state the data each family takes in DATA_KIND"
     assert set(DATA_KIND.values()) <= set(OBJECTIVE_OF_KIND)
     assert all(family in ARCHITECTURES and name not in ARCHITECTURES for name, (family, _) in VARIANTS.items())
@@ -363,7 +389,7 @@ def test_eval_log_prob_is_reproducible_from_a_seed(case, device):
     """Two builds from the same seed, each data-initialised on the same batch, give the same eval
     log_prob (the VAE: ELBO) under the same seed; a repeated call without re-seeding gives the same
     number exactly when the family is exact (no noise, no estimator), and another draw otherwise."""
-    kind = LIKELIHOOD[family_of(case)][0]
+    kind = likelihood_of(case)[0]
     seeded, repeated = [], []
     for _ in range(2):
         torch.manual_seed(0)
@@ -486,8 +512,10 @@ def test_trainer_hooks_exist_and_run(case, device):
     assert isinstance(summary, dict) and all(isinstance(v, float) for v in summary.values()), summary
     stats = model.layer_stats(x)
     assert isinstance(stats, dict) and all(isinstance(v, float) and math.isfinite(v) for v in stats.values()), stats
-    if data.kind != "image":  # the vector flows and the VAE report their layers
+    if data.kind in ("vector", "binary"):  # the vector flows and the VAE report their layers
         assert any(k.endswith("/ldj_mean") for k in stats), sorted(stats)
+    if data.kind == "labelled":  # the classifier: each layer's KL term
+        assert {k.split("/")[0] for k in stats if k.endswith("/kl")} == {"conv1", "conv2", "fc1", "fc2"}, sorted(stats)
     assert model.find_nonfinite(x) is None
     name, p = next(iter(model.named_parameters()))
     with torch.no_grad():

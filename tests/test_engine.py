@@ -64,7 +64,7 @@ def test_objective_section_is_checked_like_model_keys():
     glow = {"model": {"name": "glow"}}
     assert resolve(glow)["objective"] == {"name": "bpd"}
     assert resolve({**glow, "objective": {"name": "bpd"}})["objective"] == {"name": "bpd"}
-    with pytest.raises(FlowlabError, match="unknown objective.name 'hinge'; known: bpd, distill, elbo, nll, reverse_kl"):
+    with pytest.raises(FlowlabError, match="unknown objective.name 'hinge'; known: bnn, bpd, distill, elbo, nll, reverse_kl"):
         resolve({**glow, "objective": {"name": "hinge"}})
     with pytest.raises(FlowlabError, match="unknown config key 'objective.beta'"):
         resolve({**glow, "objective": {"beta": 1.0}})

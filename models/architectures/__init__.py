@@ -5,8 +5,8 @@ first its default; ``("none",)`` for a discrete family), optionally
 ranges of its numeric keys, ``common.ranges``) and
 ``build(cfg, data_shape, num_bits, dequantizer) -> Flow`` (a model that is not a flow, the
 flow-VAE, returns a ``models.core.hooks.LayerHooks``).  A family builds from
-``models.builders``, ``models.core``, ``models.nets``, ``models.transforms`` and
-``models.vae`` only, never from another family.  A new family is a new module here plus one line in
+``models.builders``, ``models.core``, ``models.nets``, ``models.transforms``, ``models.vae``
+and ``models.bayes`` only, never from another family.  A new family is a new module here plus one line in
 ``ARCHITECTURES``; the trainer, CLIs and config checks pick it up."""
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ ARCHITECTURES = {
     "discrete_flow": "models.architectures.discrete_flow",
     "vector_flow": "models.architectures.vector_flow",
     "flow_vae": "models.architectures.flow_vae",
+    "bnn": "models.architectures.bnn",
 }
 
 
