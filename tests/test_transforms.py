@@ -371,3 +371,35 @@ def test_autograd_logdet_helper_on_a_known_map(float64):
     """The helper itself: ScaleShift(a) has log|det| = D log|a| exactly."""
     logdet = autograd_logdet(ScaleShift(-3.0, 0.5), torch.randn(2, 2, 2, 2))
     assert torch.allclose(logdet, torch.full((2,), 8 * math.log(3.0)))
+
+
+@pytest.mark.parametrize("edge_padding", [True, False])
+def test_folded_conv_actnorm_and_zero_conv_equal_the_unfolded_layers(edge_padding, float64):
+    """ConvActNorm and ZeroConv2d fold their per-channel scale and shift into the convolution:
+    (W * x + b) * s == (W s) * x + b s, values and every gradient, with padding or without."""
+    from models.nets.glow_nets import ConvActNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 6, 6, requires_grad=True)
+    layer = ConvActNorm(3, 5, 3, edge_padding)
+    layer(x)  # data-dependent init on this batch
+    zero = ZeroConv2d(3, 4, 3, edge_padding)
+    with torch.no_grad():
+        for p in (*layer.parameters(), *zero.parameters()):
+            p.add_(0.3 * torch.randn_like(p))
+
+    def unfolded_conv_actnorm(x):
+        h = layer.conv.conv(x, layer.conv.weight, None)
+        return (h + layer.norm.bias) * torch.exp(layer.norm.logs * layer.norm.logscale_factor)
+
+    def unfolded_zero_conv(x):
+        return zero.conv(x, zero.weight, zero.bias) * torch.exp(zero.logs * zero.logscale_factor)
+
+    for module, reference in ((layer, unfolded_conv_actnorm), (zero, unfolded_zero_conv)):
+        g = torch.randn(4, module(x).shape[1], 6, 6)
+        params = [x, *module.parameters()]
+        folded = torch.autograd.grad((module(x) * g).sum(), params)
+        unfolded = torch.autograd.grad((reference(x) * g).sum(), params)
+        assert torch.allclose(module(x), reference(x), atol=1e-12)
+        for a, b in zip(folded, unfolded):
+            assert torch.allclose(a, b, atol=1e-10)

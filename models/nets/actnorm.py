@@ -54,13 +54,16 @@ class ActNorm2d(nn.Module):
     def _log_scale(self) -> torch.Tensor:
         return self.logs * self.logscale_factor
 
+    def is_initialized(self) -> bool:
+        """Whether data-dependent init has run (read from the device once, then known)."""
+        if not self._known_initialized and bool(self.initialized):
+            self._known_initialized = True
+        return self._known_initialized
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """The affine map alone (used inside conditioner networks)."""
-        if not self._known_initialized:
-            if bool(self.initialized):
-                self._known_initialized = True
-            else:
-                self._initialize(x)
+        if not self.is_initialized():
+            self._initialize(x)
         scale = torch.exp(self._log_scale()).to(x.dtype)
         return torch.addcmul(self.bias.to(x.dtype) * scale, x, scale)  # (x + b) * s in one pass
 

@@ -6,6 +6,12 @@ EdgePaddedConv2d: a "same" convolution whose input carries one extra channel tha
 ZeroConv2d: the last layer of every Glow network, zero-initialised and scaled by a
     learned per-channel factor: out = (W * x + b) * exp(3 * logs).
 GlowCouplingNet: conv3x3 -> ActNorm -> ReLU -> conv1x1 -> ActNorm -> ReLU -> ZeroConv2d 3x3.
+
+A per-channel scale and shift after a convolution is folded into the convolution itself:
+    (W * x + b) * s = (W s) * x + b s        (s, b per output channel)
+so ConvActNorm and ZeroConv2d run one convolution with a rescaled C_out x C_in x k x k weight
+and a bias, instead of a convolution followed by an elementwise pass over the wide activation
+(and that pass's two products in the backward).  Parameters and state_dict are unchanged.
 """
 from __future__ import annotations
 
@@ -25,15 +31,28 @@ class EdgePaddedConv2d(nn.Conv2d):
         super().__init__(in_channels + extra, out_channels, kernel_size, padding=0 if self.edge_padding else kernel_size // 2, bias=bias)
 
     def forward(self, x):
+        return self.conv(x, self.weight, self.bias)
+
+    def conv(self, x, weight, bias):
+        """This layer's convolution with the given weight (C_out, C_in [+1], k, k) and bias."""
         if not self.edge_padding:
-            return super().forward(x)
+            return F.conv2d(x, weight, bias, padding=self.padding)
         # conv([pad(x), m]) = conv(x, W_x, padding=p) + conv(m, W_m): the mask term is one
         # (1, 1, H+2p, W+2p) map per call, so the wide activation is never padded or copied
         p = self.kernel_size[0] // 2
         h, w = x.shape[2:]
-        out = F.conv2d(x, self.weight[:, :-1], None, padding=p)
+        out = F.conv2d(x, weight[:, :-1], None, padding=p)
         pad_mask = F.pad(torch.zeros(1, 1, h, w, device=x.device, dtype=x.dtype), (p, p, p, p), value=1.0)
-        return out + F.conv2d(pad_mask, self.weight[:, -1:], self.bias)
+        return out + F.conv2d(pad_mask, weight[:, -1:], bias)
+
+
+def _scaled(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor | None = None):
+    """(W s, (b [+ shift]) s) for a per-output-channel scale s (and a shift added before it)."""
+    scale = scale.reshape(-1)
+    b = None if bias is None else bias
+    if shift is not None:
+        b = shift.reshape(-1) if b is None else b + shift.reshape(-1)
+    return weight * scale[:, None, None, None], None if b is None else b * scale
 
 
 class ZeroConv2d(EdgePaddedConv2d):
@@ -46,8 +65,9 @@ class ZeroConv2d(EdgePaddedConv2d):
         self.logs = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
         self.logscale_factor = logscale_factor
 
-    def forward(self, x):
-        return super().forward(x) * torch.exp(self.logs * self.logscale_factor).to(x.dtype)
+    def forward(self, x):  # (W * x + b) * exp(3 logs), folded into the convolution
+        weight, bias = _scaled(self.weight, self.bias, torch.exp(self.logs * self.logscale_factor))
+        return self.conv(x, weight.to(x.dtype), bias.to(x.dtype))
 
 
 class ConvActNorm(nn.Module):
@@ -58,8 +78,12 @@ class ConvActNorm(nn.Module):
         self.conv = EdgePaddedConv2d(in_channels, out_channels, kernel_size, bias=False, edge_padding=edge_padding)
         self.norm = ActNorm2d(out_channels)
 
-    def forward(self, x):
-        return self.norm.normalize(self.conv(x))
+    def forward(self, x):  # ActNorm((W * x)) = (W * x + b) * s, folded into the convolution
+        norm = self.norm
+        if not norm.is_initialized():
+            return norm.normalize(self.conv(x))  # the first batch initialises b, s from W * x
+        weight, bias = _scaled(self.conv.weight, None, torch.exp(norm._log_scale()), shift=norm.bias)
+        return self.conv.conv(x, weight.to(x.dtype), bias.to(x.dtype))
 
 
 class GlowCouplingNet(nn.Sequential):
