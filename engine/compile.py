@@ -85,18 +85,28 @@ def compile_forward(model: torch.nn.Module, mode: str, backend: str = "inductor"
     return True
 
 
+def _compiled(model: torch.nn.Module) -> _CompiledOrEager | None:
+    """The compiled forward of ``model``, also under accelerate's mixed-precision wrapper (which
+    replaces ``forward`` and keeps the one it wraps as ``_original_forward``)."""
+    for name in ("forward", "_original_forward"):
+        forward = model.__dict__.get(name)
+        if isinstance(forward, _CompiledOrEager):
+            return forward
+    return None
+
+
 def compile_fallback(model: torch.nn.Module) -> str | None:
     """Why the compiled forward of ``model`` fell back to eager, or None (not compiled, or compiling)."""
-    forward = model.__dict__.get("forward")
-    return forward.failed if isinstance(forward, _CompiledOrEager) else None
+    forward = _compiled(model)
+    return None if forward is None else forward.failed
 
 
 def is_compiled(model: torch.nn.Module) -> bool:
     """Whether ``model``'s forward runs compiled (compiled, and not fallen back to eager)."""
-    forward = model.__dict__.get("forward")
-    return isinstance(forward, _CompiledOrEager) and forward.failed is None
+    forward = _compiled(model)
+    return forward is not None and forward.failed is None
 
 
 def uncompile(model: torch.nn.Module) -> None:
-    """Back to the class's eager forward."""
+    """Back to the class's eager forward (of a model accelerate has not wrapped)."""
     model.__dict__.pop("forward", None)

@@ -19,7 +19,10 @@ on each, into ``train.grad_accum_steps`` = N micro-batches of
 
 (``no_sync`` on the first N - 1 micro-batches).  A non-finite loss or gradient skips the
 step on every rank together; then gradient clipping, the optimizer step, EMA and the
-after-step hooks.  Progress is counted in images seen.
+after-step hooks.  The step reads nothing on the host (``device_step``): whether it was finite
+is a device flag that keeps or discards its update (``engine.finite_step``), and ``fit`` reads
+the flags of the steps since the last read where it logs or needs them (``_settle_due``).
+``train.compile`` compiles the model's forward (``engine.compile``).  Progress is counted in images seen.
 
 Checkpoints (``save``) are written only from a good state: not inside a non-finite streak,
 finite weights, and a finite loss and gradient on the next step's batch, so a diverging run

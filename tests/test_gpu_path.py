@@ -28,7 +28,7 @@ import torch
 
 from common.errors import FlowlabError
 from data import ImageDataset
-from engine.compile import compile_fallback, compile_forward, uncompile
+from engine.compile import compile_fallback, compile_forward, is_compiled, uncompile
 from engine.metrics import bits_per_dim
 from engine.objectives import BitsPerDim
 from engine.trainer import Trainer
@@ -121,12 +121,16 @@ def test_a_compile_failure_falls_back_to_eager_with_one_note(monkeypatch):
 def test_the_trainer_compiles_the_forward_and_takes_the_eager_step(tmp_path):
     eager = make_trainer(tmp_path / "eager")
     compiled = make_trainer(tmp_path / "compiled", extra=["train.compile=default", "train.compile_backend=aot_eager"])
-    assert "forward" in compiled.model.__dict__ and "forward" not in eager.model.__dict__
+    assert is_compiled(compiled.model) and not is_compiled(eager.model)
     for step in range(2):
         a, b = eager.train_step(step), compiled.train_step(step)
         assert float(b["bpd"]) == pytest.approx(float(a["bpd"]), rel=1e-6)
     assert compile_fallback(compiled.model) is None
     assert set(compiled.model.state_dict()) == set(eager.model.state_dict())
+    model = compiled.model  # accelerate's bf16 wraps the forward, keeping the one it wraps as _original_forward
+    model._original_forward = model.forward
+    model.forward = lambda *args, **kwargs: model._original_forward(*args, **kwargs)
+    assert is_compiled(model)
 
 
 def test_ffjord_is_not_compiled_and_says_why(tmp_path):
