@@ -2,7 +2,7 @@
 
 * ``train.compile`` (``engine/compile.py``): validated keys; the compiled forward gives the
   eager loss and gradients (Dynamo + AOTAutograd, ``backend=aot_eager``: no C++ build in the
-  test); parameter names stay; a compile failure falls back to eager with one note and the
+  test; the trainer test and the suite trace with Dynamo alone, ``eager``); parameter names stay; a compile failure falls back to eager with one note and the
   same random draws; the trainer wires it;
 * bf16 autocast: every family's tiny config (``tests/test_contract.py`` TINY), trained three
   steps, gives bits/dim (nats/dim / ln 2 for vectors and the VAE's -ELBO) within 0.01 of float32
@@ -79,7 +79,7 @@ def test_compiled_forward_gives_the_eager_loss_and_gradients():
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
     eager_loss, eager_grads = loss_and_grads()
-    assert compile_forward(model, "default", "eager", log=lambda line: None)
+    assert compile_forward(model, "default", "aot_eager", log=lambda line: None)  # AOTAutograd: the backward graph too
     try:
         compiled_loss, compiled_grads = loss_and_grads()
         assert compile_fallback(model) is None
@@ -120,7 +120,7 @@ def test_a_compile_failure_falls_back_to_eager_with_one_note(monkeypatch):
 
 def test_the_trainer_compiles_the_forward_and_takes_the_eager_step(tmp_path):
     eager = make_trainer(tmp_path / "eager")
-    compiled = make_trainer(tmp_path / "compiled", extra=["train.compile=default", "train.compile_backend=aot_eager"])
+    compiled = make_trainer(tmp_path / "compiled", extra=["train.compile=default", "train.compile_backend=eager"])
     assert is_compiled(compiled.model) and not is_compiled(eager.model)
     for step in range(2):
         a, b = eager.train_step(step), compiled.train_step(step)
