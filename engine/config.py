@@ -31,6 +31,7 @@ from common.errors import FlowlabError
 from common.ranges import ANY, Range, above, at_least, between, each
 from data import LOADERS, VECTOR_LOADERS, toy2d
 from data.imagenet import VERSIONS as IMAGENET_VERSIONS
+from engine.compile import BACKENDS as COMPILE_BACKENDS, MODES as COMPILE_MODES
 from engine.config_migrations import upgrade
 from engine.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
 from models.architectures import ARCHITECTURES, architecture, dequantizer_ranges, dequantizer_section
@@ -73,6 +74,8 @@ DEFAULTS = {
         "grad_clip": 0.0,        # max global grad norm; 0 = off
         "ema": 0.0,              # EMA decay; 0 = off. Eval and sampling use EMA when on
         "mixed_precision": "no", # no | bf16 (log-dets, priors, bpd stay float32)
+        "compile": "none",       # none | default | max-autotune-no-cudagraphs: torch.compile of the model's forward (engine/compile.py)
+        "compile_backend": "inductor",  # inductor | aot_eager | eager (Dynamo only: graph breaks, CPU tests)
         "seed": 0,
         "time_limit_minutes": None,  # stop (evaluate, sample, checkpoint) after this much training time
         "init_batch_size": 256,  # data-dependent init batch (same on every rank)
@@ -122,6 +125,8 @@ CHOICES = {
     ("train", "optimizer"): ("adam", "adamw", "adamax"),
     ("train", "schedule"): ("constant", "cosine", "exponential"),
     ("train", "mixed_precision"): ("no", "bf16"),
+    ("train", "compile"): COMPILE_MODES,
+    ("train", "compile_backend"): COMPILE_BACKENDS,
 }
 
 

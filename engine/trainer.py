@@ -19,7 +19,10 @@ on each, into ``train.grad_accum_steps`` = N micro-batches of
 
 (``no_sync`` on the first N - 1 micro-batches).  A non-finite loss or gradient skips the
 step on every rank together; then gradient clipping, the optimizer step, EMA and the
-after-step hooks.  Progress is counted in images seen.
+after-step hooks.  The step reads nothing on the host (``device_step``): whether it was finite
+is a device flag that keeps or discards its update (``engine.finite_step``), and ``fit`` reads
+the flags of the steps since the last read where it logs or needs them (``_settle_due``).
+``train.compile`` compiles the model's forward (``engine.compile``).  Progress is counted in images seen.
 
 Checkpoints (``save``) are written only from a good state: not inside a non-finite streak,
 finite weights, and a finite loss and gradient on the next step's batch, so a diverging run
@@ -47,9 +50,11 @@ from engine import metrics_log
 from engine.checkpoint import TrainingState, checkpoint_path
 from engine.checkpoint_store import CheckpointStore, clean_temp_files
 from engine.config import save_config
+from engine.compile import compile_forward
 from engine.ema import EMA
 from common.errors import FlowlabError
 from engine.evaluate import seeded
+from engine.finite_step import guarded_update, keep_step_on_device
 from engine.run_lock import RunLock
 from engine.schedule import learning_rate
 from engine.sections import RunConfig
@@ -97,7 +102,12 @@ class Trainer:
         if resume is not None:
             resume.restore(optimizer=self.optimizer, ema=self.ema)
             self.step, self.images_seen, self.nonfinite_total = resume.step, resume.images_seen, resume.nonfinite_total
+        compile_forward(self.model, t.compile, t.compile_backend, what=f"model '{self.cfg.model['name']}'",
+                        log=self.log, family=self.cfg.model["name"])
         self.wrapped, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        keep_step_on_device(self.optimizer, self.acc.device)
+        self._pending = []  # (step, metrics, finite flag) of the steps taken since the flags were last read
+        self._last_good = None  # metrics of the last finite step among the last ones read
         # no data set (energy fits): the objective draws each batch itself (``_batch``)
         self.batches = (None if self.data.train is None else
                         ShardedBatches(self.data.train.shape[0], t.batch_size, t.seed, self.rank, self.world))
@@ -131,69 +141,85 @@ class Trainer:
         without a data set the objective draws it from (seed, step, rank)."""
         if self.data.train is None:
             g = torch.Generator().manual_seed(_step_seed(self.cfg.train.seed, step, self.rank))
-            return self.objective.draw_batch(self.model, self.cfg.train.batch_size // self.world, g).to(self.acc.device)
+            return self._to_device(self.objective.draw_batch(self.model, self.cfg.train.batch_size // self.world, g))
         indices = self.batches.indices(step)
         x = self.data.train[indices]
         d = self.cfg.data
         if self.data.kind == "image" and (d.hflip or d.translate > 0):
             g = torch.Generator().manual_seed(_step_seed(self.cfg.train.seed, step, self.rank))
             x = augment(x, d.hflip, d.translate, g)
-        x = x.to(self.acc.device)
+        x = self._to_device(x)
         # a labelled objective (bnn) takes the batch with its labels (engine.objective_bnn.LabelledBatch)
         return self.objective.with_labels(x, self.data, indices) if getattr(self.objective, "labelled", False) else x
 
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A host batch on the device; to a GPU from pinned memory without blocking (a copy
+        from pageable memory waits for the GPU's queue: a host synchronisation every step)."""
+        if self.acc.device.type != "cuda" or x.device.type != "cpu":
+            return x.to(self.acc.device)
+        return x.pin_memory().to(self.acc.device, non_blocking=True)
+
     def _any_rank(self, flag: bool) -> bool:
+        if self.world == 1:  # nothing to agree on: no device tensor, no host synchronisation
+            return bool(flag)
         t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
         return bool(self.acc.reduce(t, reduction="sum").item() > 0)
 
-    def accumulate_gradients(self, step: int) -> dict | None:
+    def accumulate_gradients(self, step: int) -> tuple[dict, torch.Tensor]:
         """Forward and backward over this rank's micro-batches of ``step``, gradients summed
         as (1/N) sum_i grad loss_i, all-reduced over ranks once (with the last backward).
 
-        Returns the logs averaged over the micro-batches, or None (gradients cleared) when a
-        loss was not finite on any rank.  A non-finite loss skips its own backward (no
-        collective runs under ``no_sync``); all ranks decide together before the last one."""
+        Returns the logs averaged over the micro-batches and the 0-dim device flag "every loss
+        and gradient of this step is finite on every rank", read by nobody on the host here.
+        A non-finite loss is folded into the gradients: its backward runs on ``loss * NaN``, so
+        the all-reduced gradients, and with them the gradient norm every rank computes, are
+        non-finite everywhere (no extra collective, no host read)."""
         t = self.cfg.train
         x = self._batch(step)
         self._last_batch = x
         micro = x.split(self.micro_batch_size)
-        n, finite, totals = len(micro), True, {}
+        n, totals = len(micro), {}
         for i, xi in enumerate(micro):
             last = i == n - 1
             with contextlib.nullcontext() if last else self.acc.no_sync(self.wrapped):
                 torch.manual_seed(_step_seed(t.seed, step, self.rank, i))
                 with self.acc.autocast():
                     loss, logs = self.objective(self.wrapped, xi)
-                finite = finite and bool(torch.isfinite(loss))
-                if last and self._any_rank(not finite):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    return None
-                if finite:
-                    self.acc.backward(loss if n == 1 else loss / n)
+                poison = torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
+                self.acc.backward(loss * poison if n == 1 else loss * (poison / n))
             totals = logs if i == 0 else {k: totals[k] + v for k, v in logs.items()}
-        return totals if n == 1 else {k: v / n for k, v in totals.items()}
+        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = self.acc.clip_grad_norm_(self.wrapped.parameters(), max_norm)
+        totals = totals if n == 1 else {k: v / n for k, v in totals.items()}
+        return {**totals, "grad_norm": grad_norm.detach()}, torch.isfinite(grad_norm.detach())
 
-    def train_step(self, step: int) -> dict | None:
-        """One optimizer step; returns its metrics, or None if it was skipped as non-finite."""
+    def device_step(self, step: int) -> tuple[dict, torch.Tensor]:
+        """One optimizer step without host synchronisation: (metrics, ``finite``), ``finite`` a
+        0-dim device flag.  A non-finite step changes nothing (``engine.finite_step``: weights,
+        optimizer moments and step count, EMA and buffers keep their values bit for bit); the
+        trainer reads the flags where it logs (``_settle``)."""
         t = self.cfg.train
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_scale * learning_rate(step, t.lr, t.warmup_steps, t.steps, t.schedule,
                                                         t.decay_rate, t.decay_every_steps)
         self.objective.start_step(step)
-        logs = self.accumulate_gradients(step)
-        if logs is None:
-            return None
-        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = self.acc.clip_grad_norm_(self.wrapped.parameters(), max_norm)
-        if not bool(torch.isfinite(grad_norm)):
-            self.optimizer.zero_grad(set_to_none=True)
-            return None
-        self.optimizer.step()
+        logs, finite = self.accumulate_gradients(step)
+
+        def update():
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+            self.model.after_optimizer_step()
+
+        guarded_update(finite, update, self.optimizer, self.model, self.ema)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.model)
-        self.model.after_optimizer_step()
-        return {**logs, "grad_norm": grad_norm.detach(), "lr": self.optimizer.param_groups[0]["lr"]}
+        return {**logs, "lr": self.optimizer.param_groups[0]["lr"]}, finite
+
+    def train_step(self, step: int) -> dict | None:
+        """One optimizer step; returns its metrics, or None if it was skipped as non-finite
+        (reads the flag on the host: ``fit`` uses ``device_step`` and reads it where it logs)."""
+        metrics, finite = self.device_step(step)
+        return metrics if bool(finite) else None
 
     def record_layer_stats(self) -> None:
         """Per-layer log-det and output statistics of this rank's last batch, and every layer's
@@ -269,9 +295,7 @@ class Trainer:
         last_batch = getattr(self, "_last_batch", None)
         devices = [self.acc.device.index or 0] if self.acc.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            finite = self.accumulate_gradients(self.step) is not None
-            if finite:
-                finite = bool(torch.isfinite(self.acc.clip_grad_norm_(self.wrapped.parameters(), float("inf"))))
+            finite = bool(self.accumulate_gradients(self.step)[1])
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             for name, b in self.model.named_buffers():
@@ -331,6 +355,7 @@ class Trainer:
             self._stop_nonfinite()
         state = self.store.latest()
         state.restore(model=self.model, optimizer=self.optimizer, ema=self.ema)
+        keep_step_on_device(self.optimizer, self.acc.device)
         skipped_at = self.step
         self.step, self.images_seen = state.step, state.images_seen
         self.rollbacks += 1
@@ -366,19 +391,14 @@ class Trainer:
         deadline = None if t.time_limit_minutes is None else time.perf_counter() + 60 * t.time_limit_minutes
         done = self.step >= t.steps
         while not done:
-            metrics = self.train_step(self.step)
-            if metrics is None:
-                self.nonfinite_total += 1
-                self.nonfinite_streak += 1
-                self.log(f"warning: non-finite loss or gradient at step {self.step}; step skipped ({self.nonfinite_total} so far)")
-                bar.set_postfix(bpd="non-finite", streak=self.nonfinite_streak)
-                if self.nonfinite_streak >= t.max_nonfinite:
-                    self._roll_back_or_stop()  # returns only after a rollback: continue from its step
+            self._pending.append((self.step, *self.device_step(self.step)))
+            settled = self._settle_due(deadline)
+            if settled:
+                if self._settle():  # a rollback: continue from its step
                     bar.n, last, window_start, window_images = self.step, None, time.perf_counter(), 0
                     bar.refresh()
                     continue
-            else:
-                self.nonfinite_streak, last = 0, metrics
+                last = self._last_good if self._last_good is not None else last
             self.step += 1
             self.images_seen += t.batch_size
             window_images += t.batch_size
@@ -405,7 +425,7 @@ class Trainer:
             if t.layer_stats_every > 0 and self.step % t.layer_stats_every == 0:
                 self.record_layer_stats()
             bar.update(1)
-            done = self.step >= t.steps or (deadline is not None and self._any_rank(time.perf_counter() > deadline))
+            done = self.step >= t.steps or (settled and deadline is not None and self._any_rank(time.perf_counter() > deadline))
             if done and self.step < t.steps:
                 self.log(f"time limit of {t.time_limit_minutes} min reached at step {self.step}")
             test_bpd = None
@@ -420,6 +440,40 @@ class Trainer:
                 window_start = time.perf_counter()
         bar.close()
         return self._finish()
+
+    def _settle_due(self, deadline: float | None) -> bool:
+        """Whether the step just taken must read the finite flags of the steps since the last
+        read: before anything that logs or needs the streak (a log point, layer statistics,
+        evaluation, samples, a checkpoint, the last step, the time limit), and before the
+        unread steps alone could make a streak of ``train.max_nonfinite``, so that a stop or a
+        rollback happens at the very step it did when every step was read."""
+        t, nxt = self.cfg.train, self.step + 1
+        every = [t.log_every, t.layer_stats_every, t.eval_every, t.sample_every, t.checkpoint_every]
+        return (nxt >= t.steps or any(n > 0 and nxt % n == 0 for n in every)
+                or self.nonfinite_streak + len(self._pending) >= t.max_nonfinite
+                or (deadline is not None and self.world == 1 and time.perf_counter() > deadline))
+
+    def _settle(self) -> bool:
+        """Read the finite flags of the pending steps (one host read) and account for them in
+        order, as if each had been read at its step: counts, streak, warnings, the last good
+        metrics (``_last_good``); a streak of ``train.max_nonfinite`` at the last one rolls back
+        (returns True) or stops."""
+        t, pending, self._pending = self.cfg.train, self._pending, []
+        flags = torch.stack([finite for _, _, finite in pending]).tolist()
+        self._last_good = None
+        for (step, metrics, _), finite in zip(pending, flags):
+            if finite:
+                self.nonfinite_streak, self._last_good = 0, metrics
+                continue
+            self.nonfinite_total += 1
+            self.nonfinite_streak += 1
+            self.log(f"warning: non-finite loss or gradient at step {step}; step skipped ({self.nonfinite_total} so far)")
+            self._bar.set_postfix(bpd="non-finite", streak=self.nonfinite_streak)
+            if self.nonfinite_streak >= t.max_nonfinite:
+                self._roll_back_or_stop()  # returns only after a rollback
+                self._last_good = None
+                return True
+        return False
 
     def _stop_nonfinite(self) -> None:
         x = self._batch(self.step)

@@ -1,0 +1,312 @@
+"""The GPU path, checked on the CPU (issue 14, item 3):
+
+* ``train.compile`` (``engine/compile.py``): validated keys; the compiled forward gives the
+  eager loss and gradients (Dynamo + AOTAutograd, ``backend=aot_eager``: no C++ build in the
+  test; the trainer test and the suite trace with Dynamo alone, ``eager``); parameter names stay; a compile failure falls back to eager with one note and the
+  same random draws; the trainer wires it;
+* bf16 autocast: every family's tiny config (``tests/test_contract.py`` TINY), trained three
+  steps, gives bits/dim (nats/dim / ln 2 for vectors and the VAE's -ELBO) within 0.01 of float32
+  on a fixed batch;
+* no host synchronisation in the training step: the trainer's and the layers' code read no
+  tensor on the host (``item``, ``bool``, ``float``, ``int``, ``tolist``, ``numpy``) during
+  ``device_step``, and ``fit`` reads only at its log points;
+* a non-finite step (a NaN loss with finite gradients, a NaN gradient, an infinite gradient
+  from a finite loss) changes nothing: weights, Adam's moments and step count, the EMA and
+  the buffers keep their values bit for bit; a skipped first step leaves Adam as new;
+* ``benchmarks/gpu_suite.py --quick`` runs and prints its table.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+from common.errors import FlowlabError
+from data import ImageDataset
+from engine.compile import compile_fallback, compile_forward, is_compiled, uncompile
+from engine.metrics import bits_per_dim
+from engine.objectives import BitsPerDim
+from engine.trainer import Trainer
+from tests.helpers import ROOT, random_images, resolve_overrides
+from tests.test_contract import DATA_SHAPE, TINY, tiny_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_cpu_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_trainer(run_dir, family="glow", extra=(), objective=None) -> Trainer:
+    cfg = resolve_overrides([f"model.name={family}", *TINY[family], "train.batch_size=4", "train.init_batch_size=8",
+                             *extra])
+    bits = cfg["data"]["n_bits"]
+    x = random_images(16, DATA_SHAPE, bits, "cpu", generator=torch.Generator().manual_seed(0))
+    return Trainer(cfg, str(run_dir), data=ImageDataset(x, x[:4], bits, "npz", "random test images"),
+                   tensorboard=False, objective=objective)
+
+
+# ---- train.compile ------------------------------------------------------------------------------
+
+def test_compile_keys_are_validated():
+    assert resolve_overrides(["model.name=glow"])["train"]["compile"] == "none"
+    cfg = resolve_overrides(["model.name=glow", "train.compile=default", "train.compile_backend=aot_eager"])
+    assert (cfg["train"]["compile"], cfg["train"]["compile_backend"]) == ("default", "aot_eager")
+    for bad in ("train.compile=fast", "train.compile=true", "train.compile_backend=tensorrt"):
+        with pytest.raises(FlowlabError, match="must be one of|expects str"):
+            resolve_overrides(["model.name=glow", bad])
+
+
+def test_compiled_forward_gives_the_eager_loss_and_gradients():
+    torch.manual_seed(0)
+    model, data = tiny_model("glow", torch.device("cpu"))
+    model.train()
+    x = data.batch(4, "cpu", generator=torch.Generator().manual_seed(1))
+    names = [n for n, _ in model.named_parameters()]
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(2)
+        loss, _ = data.loss(model, x)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    eager_loss, eager_grads = loss_and_grads()
+    assert compile_forward(model, "default", "aot_eager", log=lambda line: None)  # AOTAutograd: the backward graph too
+    try:
+        compiled_loss, compiled_grads = loss_and_grads()
+        assert compile_fallback(model) is None
+        assert [n for n, _ in model.named_parameters()] == names and "forward" not in model.state_dict()
+    finally:
+        uncompile(model)
+    assert torch.allclose(compiled_loss, eager_loss, rtol=1e-6, atol=0), (compiled_loss, eager_loss)
+    for g_c, g_e in zip(compiled_grads, eager_grads):
+        assert torch.allclose(g_c, g_e, rtol=1e-4, atol=1e-6)
+
+
+def test_a_compile_failure_falls_back_to_eager_with_one_note(monkeypatch):
+    from torch._dynamo.exc import TorchDynamoException
+
+    torch.manual_seed(0)
+    model, data = tiny_model("realnvp", torch.device("cpu"))
+    x = data.batch(4, "cpu", generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(5)
+    expected = model.log_prob(x)
+
+    def broken(fn, **kwargs):
+        def call(*args, **kw):
+            torch.rand(7)  # a failed attempt that drew noise first: the eager call must draw the same again
+            raise TorchDynamoException("cannot trace this layer")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    notes = []
+    compile_forward(model, "default", "eager", what="model 'realnvp'", log=notes.append)
+    torch.manual_seed(5)
+    got = model(x)
+    assert torch.equal(got, expected)
+    assert len(notes) == 1 and "model 'realnvp' does not compile" in notes[0] and "cannot trace" in notes[0]
+    assert "cannot trace" in compile_fallback(model)
+    model(x)
+    assert len(notes) == 1, "the note is said once"
+
+
+def test_the_trainer_compiles_the_forward_and_takes_the_eager_step(tmp_path):
+    eager = make_trainer(tmp_path / "eager")
+    compiled = make_trainer(tmp_path / "compiled", extra=["train.compile=default", "train.compile_backend=eager"])
+    assert is_compiled(compiled.model) and not is_compiled(eager.model)
+    for step in range(2):
+        a, b = eager.train_step(step), compiled.train_step(step)
+        assert float(b["bpd"]) == pytest.approx(float(a["bpd"]), rel=1e-6)
+    assert compile_fallback(compiled.model) is None
+    assert set(compiled.model.state_dict()) == set(eager.model.state_dict())
+    model = compiled.model  # accelerate's bf16 wraps the forward, keeping the one it wraps as _original_forward
+    model._original_forward = model.forward
+    model.forward = lambda *args, **kwargs: model._original_forward(*args, **kwargs)
+    assert is_compiled(model)
+
+
+def test_ffjord_is_not_compiled_and_says_why(tmp_path):
+    notes = []
+    model, _ = tiny_model("ffjord", torch.device("cpu"))
+    assert not compile_forward(model, "default", "eager", what="model 'ffjord'", log=notes.append, family="ffjord")
+    assert "forward" not in model.__dict__ and len(notes) == 1 and "runs eagerly" in notes[0]
+
+
+# ---- bf16 autocast per family ---------------------------------------------------------------------
+
+def bits_per_dimension(model, data, x) -> torch.Tensor:
+    if data.kind == "image":
+        return bits_per_dim(model.log_prob(x), math.prod(x.shape[1:])).mean()
+    if data.kind == "labelled":  # a classifier (bnn): its loss (label NLL + KL / N), per input dimension, in bits
+        return data.loss(model, x)[0] / (math.prod(data.shape) * math.log(2))
+    density = model.log_prob(x) if hasattr(model, "log_prob") else model.elbo(x)
+    return (-density / (math.prod(data.shape) * math.log(2))).mean()
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_bf16_autocast_bits_per_dim_within_0_01_of_float32(family):
+    """The trainer's bf16 (``train.mixed_precision=bf16``: accelerate's autocast) on the CPU:
+    conditioner networks in bf16, log-dets, priors and bits/dim in float32."""
+    torch.manual_seed(0)
+    model, data = tiny_model(family, torch.device("cpu"))
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):  # a few training steps in float32
+        loss, _ = data.loss(model, data.batch(8, "cpu", generator=g))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    x = data.batch(16, "cpu", generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.manual_seed(2)
+        full = bits_per_dimension(model, data, x)
+        torch.manual_seed(2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = bits_per_dimension(model, data, x)
+    assert half.dtype == torch.float32 and bool(torch.isfinite(half))
+    assert abs(float(half - full)) <= 0.01, (family, float(full), float(half))
+
+
+# ---- no host synchronisation in the step ------------------------------------------------------
+
+HOST_READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy")
+PROJECT = tuple(os.path.join(ROOT, d) + os.sep for d in ("engine", "models", "data", "common"))
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """Records (file:line, trainer step) of every host read of a tensor made by the project's code."""
+    seen, state = [], {"trainer": None}
+
+    def counting(name, original):
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(PROJECT):
+                trainer = state["trainer"]
+                seen.append((f"{os.path.relpath(caller, ROOT)}:{sys._getframe(1).f_lineno} {name}",
+                             None if trainer is None else trainer.step))
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    return seen, state
+
+
+@pytest.mark.parametrize("family", ["glow", "flowpp", "idf"])
+def test_the_training_step_reads_nothing_on_the_host(tmp_path, family, host_reads):
+    trainer = make_trainer(tmp_path, family, ["train.ema=0.9", "train.grad_clip=1.0"])
+    seen, _ = host_reads
+    seen.clear()  # (set-up reads: data-dependent init)
+    flags = [trainer.device_step(step)[1] for step in range(3)]
+    assert seen == [], seen
+    assert all(f.dtype == torch.bool and f.dim() == 0 for f in flags)
+
+
+def test_fit_reads_the_flags_only_where_it_logs(tmp_path, host_reads):
+    trainer = make_trainer(tmp_path, extra=["train.steps=8", "train.log_every=4", "train.eval_every=0",
+                                            "train.sample_every=0", "train.checkpoint_every=0"])
+    seen, state = host_reads
+    seen.clear()
+    state["trainer"] = trainer
+    trainer.fit()
+    steps = {step for _, step in seen}
+    # settled at the step before each log point (3, 7: before the count moves on), logged at 4 and 8
+    # (where the last step also saves its checkpoint and the summary)
+    assert steps <= {3, 4, 7, 8} and {3, 4, 7, 8} <= steps, sorted(seen)
+
+
+# ---- a non-finite step changes nothing -----------------------------------------------------------
+
+class Injected(BitsPerDim):
+    """bits/dim, made non-finite at ``at_step`` in the way ``how`` says."""
+
+    def __init__(self, how: str, at_step: int):
+        super().__init__()
+        self.how, self.at_step, self.step = how, at_step, -1
+
+    def start_step(self, step):
+        self.step = step
+
+    def __call__(self, model, batch):
+        loss, logs = super().__call__(model, batch)
+        if self.step != self.at_step:
+            return loss, logs
+        if self.how == "nan_loss":  # the loss alone: the gradients stay finite
+            return loss + float("nan"), logs
+        if self.how == "nan_grad":
+            return loss * torch.tensor(float("nan")), logs
+        y = next(model.parameters()) * 1.0  # a finite loss whose gradient is infinite
+        y.register_hook(lambda grad: grad * float("inf"))
+        return loss + (y - y.detach()).sum(), logs
+
+
+def snapshot(trainer) -> dict:
+    inner = trainer.optimizer.optimizer
+    out = {f"p:{n}": p.detach().clone() for n, p in trainer.model.named_parameters()}
+    out.update({f"b:{n}": b.clone() for n, b in trainer.model.named_buffers()})
+    out.update({f"ema:{n}": v.clone() for n, v in trainer.ema.shadow.items()})
+    for i, p in enumerate(inner.param_groups[0]["params"]):
+        out.update({f"opt:{i}:{k}": v.clone() for k, v in inner.state.get(p, {}).items()})
+    return out
+
+
+@pytest.mark.parametrize("how", ["nan_loss", "nan_grad", "inf_grad"])
+def test_a_nonfinite_step_changes_nothing(tmp_path, how):
+    trainer = make_trainer(tmp_path, extra=["train.ema=0.9"], objective=Injected(how, at_step=1))
+    metrics, finite = trainer.device_step(0)
+    assert bool(finite)
+    before = snapshot(trainer)
+    assert before["opt:0:step"] == 1
+    metrics, finite = trainer.device_step(1)
+    assert not bool(finite)
+    after = snapshot(trainer)
+    assert set(after) == set(before)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == [], changed
+    metrics, finite = trainer.device_step(2)
+    assert bool(finite) and snapshot(trainer)["opt:0:step"] == 2
+
+
+def test_a_skipped_first_step_leaves_adam_as_new(tmp_path):
+    skipped = make_trainer(tmp_path / "a", objective=Injected("nan_grad", at_step=0))
+    fresh = make_trainer(tmp_path / "b")
+    assert not bool(skipped.device_step(0)[1])
+    assert bool(skipped.device_step(1)[1]) and bool(fresh.device_step(1)[1])
+    for (name, p), q in zip(skipped.model.named_parameters(), fresh.model.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_fit_counts_a_skipped_step_between_log_points(tmp_path, capsys):
+    trainer = make_trainer(tmp_path, extra=["train.steps=6", "train.log_every=6", "train.eval_every=0",
+                                            "train.sample_every=0", "train.checkpoint_every=0"],
+                           objective=Injected("nan_loss", at_step=2))
+    summary = trainer.fit()
+    assert summary["nonfinite_steps"] == 1 and summary["step"] == 6
+    assert "non-finite loss or gradient at step 2; step skipped (1 so far)" in capsys.readouterr().out
+
+
+# ---- the suite runs ------------------------------------------------------------------------------
+
+def test_gpu_suite_quick_prints_one_table():
+    with tempfile.TemporaryDirectory():
+        proc = subprocess.run([sys.executable, os.path.join("benchmarks", "gpu_suite.py"), "--quick", "--families", "glow", "--steps", "1",
+                               "--warmup", "0", "--sample-n", "2", "--modes", "fp32", "bf16+compile"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| family | config | params | batch | mode | img/s | peak GB")
+    rows = [line.split("|")[1:-1] for line in table[2:]]
+    assert len(rows) == 2 and all(float(r[5]) > 0 for r in rows), proc.stdout
+    assert {r[4].strip() for r in rows} == {"fp32", "bf16+compile"}
+    assert all(float(r[8]) >= 0 for r in rows if r[4].strip() == "bf16+compile"), proc.stdout
