@@ -106,6 +106,11 @@ class Trainer:
                         log=self.log, family=self.cfg.model["name"])
         self.wrapped, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         keep_step_on_device(self.optimizer, self.acc.device)
+        # How a non-finite step is kept out: "mask" keeps the update only where the device flag is
+        # true (no host read: a GPU's queue never drains mid-step); "host" reads the flag and skips
+        # the update. On a CPU the read costs nothing and the mask's copy of the weights and moments
+        # (3-4x the parameters each step) would, so the CPU reads it.  Same guarantee either way.
+        self.finite_guard = "mask" if self.acc.device.type == "cuda" else "host"
         self._pending = []  # (step, metrics, finite flag) of the steps taken since the flags were last read
         self._last_good = None  # metrics of the last finite step among the last ones read
         # no data set (energy fits): the objective draws each batch itself (``_batch``)
@@ -211,7 +216,10 @@ class Trainer:
                 self.ema.update(self.model)
             self.model.after_optimizer_step()
 
-        guarded_update(finite, update, self.optimizer, self.model, self.ema)
+        if self.finite_guard == "mask":
+            guarded_update(finite, update, self.optimizer, self.model, self.ema)
+        elif bool(finite):  # every rank holds the same flag: the gradients it is read from are all-reduced
+            update()
         self.optimizer.zero_grad(set_to_none=True)
         return {**logs, "lr": self.optimizer.param_groups[0]["lr"]}, finite
 

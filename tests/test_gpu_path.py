@@ -205,6 +205,8 @@ def host_reads(monkeypatch):
 @pytest.mark.parametrize("family", ["glow", "flowpp", "idf"])
 def test_the_training_step_reads_nothing_on_the_host(tmp_path, family, host_reads):
     trainer = make_trainer(tmp_path, family, ["train.ema=0.9", "train.grad_clip=1.0"])
+    assert trainer.finite_guard == "host"  # the CPU reads its flag (free there); the GPU's way is tested here:
+    trainer.finite_guard = "mask"
     seen, _ = host_reads
     seen.clear()  # (set-up reads: data-dependent init)
     flags = [trainer.device_step(step)[1] for step in range(3)]
@@ -215,6 +217,7 @@ def test_the_training_step_reads_nothing_on_the_host(tmp_path, family, host_read
 def test_fit_reads_the_flags_only_where_it_logs(tmp_path, host_reads):
     trainer = make_trainer(tmp_path, extra=["train.steps=8", "train.log_every=4", "train.eval_every=0",
                                             "train.sample_every=0", "train.checkpoint_every=0"])
+    trainer.finite_guard = "mask"  # the GPU's guard (the CPU's reads every step's flag)
     seen, state = host_reads
     seen.clear()
     state["trainer"] = trainer
@@ -260,9 +263,11 @@ def snapshot(trainer) -> dict:
     return out
 
 
+@pytest.mark.parametrize("guard", ["mask", "host"])
 @pytest.mark.parametrize("how", ["nan_loss", "nan_grad", "inf_grad"])
-def test_a_nonfinite_step_changes_nothing(tmp_path, how):
+def test_a_nonfinite_step_changes_nothing(tmp_path, how, guard):
     trainer = make_trainer(tmp_path, extra=["train.ema=0.9"], objective=Injected(how, at_step=1))
+    trainer.finite_guard = guard
     metrics, finite = trainer.device_step(0)
     assert bool(finite)
     before = snapshot(trainer)
@@ -277,8 +282,10 @@ def test_a_nonfinite_step_changes_nothing(tmp_path, how):
     assert bool(finite) and snapshot(trainer)["opt:0:step"] == 2
 
 
-def test_a_skipped_first_step_leaves_adam_as_new(tmp_path):
+@pytest.mark.parametrize("guard", ["mask", "host"])
+def test_a_skipped_first_step_leaves_adam_as_new(tmp_path, guard):
     skipped = make_trainer(tmp_path / "a", objective=Injected("nan_grad", at_step=0))
+    skipped.finite_guard = guard
     fresh = make_trainer(tmp_path / "b")
     assert not bool(skipped.device_step(0)[1])
     assert bool(skipped.device_step(1)[1]) and bool(fresh.device_step(1)[1])
