@@ -105,6 +105,7 @@ def main():
         "config": args.config, "overrides": args.overrides, "model": cfg.model["name"], "device": str(device),
         "torch_threads": torch.get_num_threads(), "batch_size": bs, "params": count_parameters(model),
         "data": data_kind, "data_source": data.source, "mixed_precision": cfg.train.mixed_precision,
+        "activation_memory": cfg.train.activation_memory,
         "warmup_steps": args.warmup, "timed_steps": args.steps,
         "train_img_per_s": round(bs / sec_per_step, 3), "sec_per_step": round(sec_per_step, 5),
         "sample_n": sample_n, "sample_seconds": round(sample_seconds, 4),

@@ -33,6 +33,7 @@ from data import toy2d
 from engine.config_migrations import upgrade
 from engine.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
 from models.architectures import ARCHITECTURES, architecture, dequantizer_ranges, dequantizer_section
+from models.core.activation_memory import MODES as ACTIVATION_MEMORY_MODES
 
 DEFAULTS = {
     "data": {
@@ -66,6 +67,9 @@ DEFAULTS = {
         "grad_clip": 0.0,        # max global grad norm; 0 = off
         "ema": 0.0,              # EMA decay; 0 = off. Eval and sampling use EMA when on
         "mixed_precision": "no", # no | bf16 (log-dets, priors, bpd stay float32)
+        "activation_memory": "store",  # what the backward keeps (models.core.activation_memory): store
+                                 # (plain autograd) | checkpoint (each top-level layer recomputed) |
+                                 # invertible (inputs rebuilt by the layers' own inverses; others checkpointed)
         "seed": 0,
         "time_limit_minutes": None,  # stop (evaluate, sample, checkpoint) after this much training time
         "init_batch_size": 256,  # data-dependent init batch (same on every rank)
@@ -111,6 +115,7 @@ CHOICES = {
     ("train", "optimizer"): ("adam", "adamw", "adamax"),
     ("train", "schedule"): ("constant", "cosine", "exponential"),
     ("train", "mixed_precision"): ("no", "bf16"),
+    ("train", "activation_memory"): ACTIVATION_MEMORY_MODES,
 }
 
 

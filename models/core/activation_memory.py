@@ -259,6 +259,8 @@ def set_activation_memory(model, mode: str) -> list[str]:
     chain = getattr(model, "transforms", None)
     if not isinstance(chain, Compose):
         return [f"store: {type(model).__name__} has no chain of transforms (activation_memory={mode} not applied)"]
+    if mode == "store" and not isinstance(chain, ActivationMemoryChain):
+        return ["store: every layer (plain autograd)"]
     new = ActivationMemoryChain(list(chain), mode)
     model.transforms = new
     return new.plan()
