@@ -92,7 +92,7 @@ def test_glow_plan_inverts_every_step_and_rebuilds_inputs_exactly(float64):
     _, _, _, plan, model = _step(SMALL["glow"], "invertible")
     assert plan[0].startswith("checkpoint: 0:UniformDequantization (draws noise")
     assert any(line.startswith("checkpoint:") and "Split (factors out a latent)" in line for line in plan)
-    groups = model.transforms._group()
+    groups = model.transforms.groups
     layers = list(model.transforms)
     for how, idx, _ in groups:
         for i in idx:

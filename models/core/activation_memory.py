@@ -197,7 +197,7 @@ class ActivationMemoryChain(Compose):
         """One line per group of top-level layers: what keeps its activations, and why."""
         layers = list(self)
         lines = []
-        for how, idx, why in self._group():
+        for how, idx, why in self.groups:
             names = ", ".join(f"{i}:{type(layers[i]).__name__}" for i in idx) if len(idx) <= 3 else (
                 f"{idx[0]}..{idx[-1]} ({len(idx)} layers)")
             lines.append(f"{how}: {names}" + (f" ({why})" if why else ""))
@@ -206,7 +206,6 @@ class ActivationMemoryChain(Compose):
     def forward_aux(self, x, context=None):
         if self.mode == "store" or not torch.is_grad_enabled():
             return super().forward_aux(x, context)
-        self.groups = self._group()  # train / eval mode can change what is invertible
         layers = list(self)
         z, total, aux = x, None, {}
         for how, idx, _ in self.groups:
@@ -275,7 +274,7 @@ def reconstruction_errors(model, x: torch.Tensor, context=None) -> list[tuple[st
     if not isinstance(chain, ActivationMemoryChain):
         raise FlowlabError("reconstruction_errors needs a model after set_activation_memory(model, 'invertible')")
     layers, out, z = list(chain), [], x
-    for how, idx, _ in chain._group():
+    for how, idx, _ in chain.groups:
         if how != "invertible":
             for i in idx:
                 z, _ = layers[i](z, context)
