@@ -132,7 +132,7 @@ def main():
         "config": args.config, "overrides": args.overrides, "model": cfg.model["name"],
         "torch_threads": torch.get_num_threads(), "batch_size": bs,
         "data": data_kind, "data_source": data.source, "mixed_precision": cfg.train.mixed_precision,
-        "compile": cfg.train.compile, "warmup_steps": args.warmup, "timed_steps": args.steps, **result,
+        "compile": cfg.train.compile, "activation_memory": cfg.train.activation_memory, "warmup_steps": args.warmup, "timed_steps": args.steps, **result,
     }), flush=True)
 
 

@@ -35,6 +35,7 @@ from engine.compile import BACKENDS as COMPILE_BACKENDS, MODES as COMPILE_MODES
 from engine.config_migrations import upgrade
 from engine.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
 from models.architectures import ARCHITECTURES, architecture, dequantizer_ranges, dequantizer_section
+from models.core.activation_memory import MODES as ACTIVATION_MEMORY_MODES
 
 DEFAULTS = {
     "data": {
@@ -76,6 +77,9 @@ DEFAULTS = {
         "mixed_precision": "no", # no | bf16 (log-dets, priors, bpd stay float32)
         "compile": "none",       # none | default | max-autotune-no-cudagraphs: torch.compile of the model's forward (engine/compile.py)
         "compile_backend": "inductor",  # inductor | aot_eager | eager (Dynamo only: graph breaks, CPU tests)
+        "activation_memory": "store",  # what the backward keeps (models.core.activation_memory): store
+                                 # (plain autograd) | checkpoint (each top-level layer recomputed) |
+                                 # invertible (inputs rebuilt by the layers' own inverses; others checkpointed)
         "seed": 0,
         "time_limit_minutes": None,  # stop (evaluate, sample, checkpoint) after this much training time
         "init_batch_size": 256,  # data-dependent init batch (same on every rank)
@@ -127,6 +131,7 @@ CHOICES = {
     ("train", "mixed_precision"): ("no", "bf16"),
     ("train", "compile"): COMPILE_MODES,
     ("train", "compile_backend"): COMPILE_BACKENDS,
+    ("train", "activation_memory"): ACTIVATION_MEMORY_MODES,
 }
 
 

@@ -59,6 +59,7 @@ from engine.run_lock import RunLock
 from engine.schedule import learning_rate
 from engine.sections import RunConfig
 from engine.setup import count_parameters, load_data, make_model, make_objective, make_optimizer
+from models.core.activation_memory import set_activation_memory
 
 
 def _step_seed(seed: int, step: int, rank: int, micro: int = 0) -> int:
@@ -89,6 +90,7 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.data = data if data is not None else load_data(self.cfg)
         self.model = make_model(self.cfg, self.data.shape, self.data.n_bits)
+        self.memory_plan = set_activation_memory(self.model, t.activation_memory)  # names and weights unchanged
         self.objective = objective if objective is not None else make_objective(self.cfg)
         self.objective.check(self.data, self.model)
         self.step, self.images_seen, self.nonfinite_total = 0, 0, 0
@@ -392,6 +394,8 @@ class Trainer:
                  if t.grad_accum_steps > 1 else "")
         self.log(f"model: {self.cfg.model['name']}, {count_parameters(self.model):,} parameters; "
                  f"{self.world} process(es) on {self.acc.device}; global batch {t.batch_size}{accum}")
+        if t.activation_memory != "store":
+            self.log(f"activation memory ({t.activation_memory}): " + "; ".join(self.memory_plan))
         if self.step == 0 and t.eval_every > 0:
             self.evaluate()
         bar = self._bar = tqdm(total=t.steps, initial=self.step, disable=not self.acc.is_main_process, dynamic_ncols=True)

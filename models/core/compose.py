@@ -131,6 +131,7 @@ class Inverse(Transform):
             raise ValueError(f"Inverse needs a bijection, {type(transform).__name__} is not one")
         self.transform = transform
         self.exact_ldj, self.exact_inverse = transform.exact_ldj, transform.exact_inverse
+        self.invertible_backprop = transform.invertible_backprop  # its forward is the closed-form inverse
         self.discrete = transform.discrete
 
     def forward(self, x, context=None):

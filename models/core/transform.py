@@ -44,6 +44,9 @@ class Transform(nn.Module):
     exact_inverse: bool = True        # inverse is closed form (no iteration)
     discrete: bool = False            # maps integers to integers
     factors_out: bool = False         # implements split()/merge()
+    invertible_backprop: bool = False # opt-in: ``inverse`` rebuilds the input from the output exactly and
+    #   cheaply (closed form, nothing but parameters and the random stream: no batch statistics), so
+    #   train.activation_memory=invertible may drop its activations (models.core.activation_memory)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None):
         raise NotImplementedError(f"{type(self).__name__} must implement forward")

@@ -19,6 +19,7 @@ from models.nets.actnorm import ActNorm2d
 
 
 class ActNorm(ActNorm2d, Transform):
+    invertible_backprop = True  # closed-form inverse: activation_memory=invertible may drop its activations
     needs_data_init = True
 
     def forward(self, x, context=None):

@@ -19,6 +19,7 @@ from models.core.transform import Transform, zeros_ldj
 
 
 class CheckerboardSplit(Transform):
+    invertible_backprop = True  # closed-form inverse: activation_memory=invertible may drop its activations
     def forward(self, x, context=None):
         if x.shape[-1] % 2:
             raise ValueError(f"checkerboard split needs an even width, got {x.shape[-1]}")

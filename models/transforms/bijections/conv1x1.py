@@ -50,6 +50,7 @@ def _random_rotation(c: int) -> torch.Tensor:
 
 
 class InvertibleConv1x1(Transform):
+    invertible_backprop = True  # closed-form inverse: activation_memory=invertible may drop its activations
     def __init__(self, num_channels: int, init: str = "rotation"):
         super().__init__()
         if init == "rotation":
@@ -71,6 +72,7 @@ class InvertibleConv1x1(Transform):
 
 
 class InvertibleConv1x1LU(Transform):
+    invertible_backprop = True  # closed-form inverse: activation_memory=invertible may drop its activations
     def __init__(self, num_channels: int):
         super().__init__()
         p, l, u = torch.linalg.lu(_random_rotation(num_channels))

@@ -24,6 +24,7 @@ from models.core.transform import Transform, compute_dtype, sum_except_batch, ze
 
 class AffineCoupling(Transform):
     """Glow's affine coupling. ``net`` maps C_a channels to 2 * C_b channels."""
+    invertible_backprop = True  # closed-form inverse: activation_memory=invertible may drop its activations
 
     def __init__(self, net: nn.Module, split_channels: int):
         super().__init__()
@@ -49,6 +50,7 @@ class AffineCoupling(Transform):
 
 class AdditiveCoupling(Transform):
     """NICE/Glow additive coupling. ``net`` maps C_a channels to C_b channels."""
+    invertible_backprop = True  # closed-form inverse: activation_memory=invertible may drop its activations
 
     def __init__(self, net: nn.Module, split_channels: int):
         super().__init__()

@@ -14,6 +14,7 @@ from models.core.transform import Transform, compute_dtype
 
 
 class DiagonalScaling(Transform):
+    invertible_backprop = True  # closed-form inverse: activation_memory=invertible may drop its activations
     def __init__(self, shape):
         super().__init__()
         shape = (shape,) if isinstance(shape, int) else tuple(shape)

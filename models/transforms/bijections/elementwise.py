@@ -20,6 +20,7 @@ from models.core.transform import Transform, compute_dtype, sum_except_batch
 
 
 class ScaleShift(Transform):
+    invertible_backprop = True  # closed-form inverse: activation_memory=invertible may drop its activations
     def __init__(self, scale: float = 1.0, shift: float = 0.0):
         super().__init__()
         if scale == 0:
@@ -36,6 +37,7 @@ class ScaleShift(Transform):
 
 
 class Logit(Transform):
+    invertible_backprop = True  # closed-form inverse: activation_memory=invertible may drop its activations
     def __init__(self, alpha: float = 0.05):
         super().__init__()
         if not 0.0 <= alpha < 0.5:

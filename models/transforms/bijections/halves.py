@@ -13,6 +13,7 @@ from models.core.transform import Transform, zeros_ldj
 
 
 class SwapHalves(Transform):
+    invertible_backprop = True  # closed-form inverse: activation_memory=invertible may drop its activations
     def forward(self, x, context=None):
         if x.shape[1] % 2:
             raise ValueError(f"SwapHalves needs an even number of channels, got {x.shape[1]}")
@@ -25,6 +26,7 @@ class SwapHalves(Transform):
 
 
 class Halfwise(Transform):
+    invertible_backprop = True  # closed-form inverse: activation_memory=invertible may drop its activations
     def __init__(self, first: Transform, second: Transform):
         super().__init__()
         self.first, self.second = first, second

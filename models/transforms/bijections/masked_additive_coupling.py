@@ -16,6 +16,7 @@ from models.core.transform import Transform, zeros_ldj
 
 
 class MaskedAdditiveCoupling(Transform):
+    invertible_backprop = True  # closed-form inverse: activation_memory=invertible may drop its activations
     def __init__(self, net: nn.Module, mask: torch.Tensor):
         super().__init__()
         self.net = net

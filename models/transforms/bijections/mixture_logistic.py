@@ -89,6 +89,7 @@ class MixtureLogisticCoupling(Transform):
     def __init__(self, net: nn.Module, split_channels: int, components: int, max_iters: int = 200):
         super().__init__()
         self.net, self.split_channels, self.components, self.max_iters = net, split_channels, components, max_iters
+        self.invertible_backprop = components == 0  # the affine case inverts in closed form (no bisection)
 
     def _params(self, x_a, context):
         h = self.net(x_a, context).to(compute_dtype(x_a))

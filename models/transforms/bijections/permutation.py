@@ -10,6 +10,7 @@ from models.core.transform import Transform, zeros_ldj
 
 
 class ChannelPermutation(Transform):
+    invertible_backprop = True  # closed-form inverse: activation_memory=invertible may drop its activations
     discrete = True  # a permutation of elements: integers stay integers
 
     def __init__(self, perm: torch.Tensor):

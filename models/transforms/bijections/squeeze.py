@@ -11,6 +11,7 @@ from models.core.transform import Transform, zeros_ldj
 
 
 class Squeeze(Transform):
+    invertible_backprop = True  # closed-form inverse: activation_memory=invertible may drop its activations
     discrete = True  # a permutation of elements: integers stay integers
 
     def __init__(self, order: str = "glow"):
