@@ -587,11 +587,19 @@ def run_training(cfg: RunConfig | dict, run_dir: str, resume: bool = False) -> d
         note = None if state is None else _world_size_note(state, trainer)
         if note:
             trainer.log(note)
+        finished = False
         try:
-            return trainer.fit()
+            summary = trainer.fit()
+            finished = True
+            return summary
         finally:
-            # tear the process group down explicitly: left to interpreter exit, the collective
-            # backend's threads can abort the process (SIGABRT) after a finished run
+            # tear the process group down explicitly, every rank at once and after the DDP wrapper
+            # (which holds the group) is gone: left to interpreter exit, the collective backend's
+            # threads can abort a process (SIGABRT, "terminate called") after a finished run
+            if finished:  # (after an error the other ranks may never reach a barrier)
+                trainer.acc.wait_for_everyone()
+            trainer.wrapped = None
+            trainer.acc.free_memory()
             trainer.acc.end_training()
     finally:
         if lock is not None:
