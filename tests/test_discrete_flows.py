@@ -33,12 +33,7 @@ from tests.helpers import (ROOT, assert_invertible, build_flow, meta_parameter_c
 KS = [2, 3, 4, 5, 6, 8, 256]
 
 
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
 
 def one_hots(index: torch.Tensor, k: int) -> torch.Tensor:

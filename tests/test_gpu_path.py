@@ -36,12 +36,7 @@ from tests.helpers import ROOT, random_images, resolve_overrides
 from tests.test_contract import DATA_SHAPE, TINY, tiny_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_cpu_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
 
 def make_trainer(run_dir, family="glow", extra=(), objective=None) -> Trainer:

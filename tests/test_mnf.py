@@ -23,12 +23,7 @@ from models.bayes.noise_flow import NoisePosterior, ReverseModel
 from tests.helpers import assert_invertible, assert_ldj_matches_jacobian, perturb_parameters, read_metric
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
 
 def _perturbed(module, seed=0, std=0.3):
