@@ -25,7 +25,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,7 +61,6 @@ def _iterate(images, rank: int, world: int, batch_size: int, epochs: int) -> int
 
 def loader_worker(path: str, rank: int, world: int, batch_size: int, epochs: int, barrier, queue) -> None:
     """One process of the 2-process run: the memmap phase, then the in-memory phase."""
-    sys.path.insert(0, ROOT)
     import numpy as np
     import torch
 
@@ -124,7 +122,6 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3, help="epochs each process draws in each phase")
     p.add_argument("--speed-batches", type=int, default=2000, help="batches of the images/s measurement")
     args = p.parse_args()
-    sys.path.insert(0, ROOT)
     import torch
 
     torch.set_num_threads(1)

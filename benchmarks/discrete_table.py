@@ -25,9 +25,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from benchmarks.equal_budget import evaluate  # noqa: E402
+from benchmarks.equal_budget import evaluate
 
 RUNS = [
     ("discrete_flow", "experiments/discrete_flow_small.yaml", []),

@@ -27,7 +27,7 @@ import torch
 from accelerate.state import AcceleratorState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as a script from anywhere
+if ROOT not in sys.path:  # --quick reads tests/test_contract.py's TINY configs: tests/ is not an installed package
     sys.path.insert(0, ROOT)
 
 from benchmarks.throughput import RANDOM_SHAPES, measure  # noqa: E402

@@ -24,13 +24,11 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from common.errors import FlowlabError  # noqa: E402
-from engine.config import load_config  # noqa: E402
-from engine.objectives import OBJECTIVES  # noqa: E402, F401  (registers bnn before objective_bnn is read)
-from engine.objective_bnn import classification_scores, predictive_entropy, predictive_probs  # noqa: E402
-from engine.setup import load_data  # noqa: E402
+from common.errors import FlowlabError
+from engine.config import load_config
+from engine.objectives import OBJECTIVES  # noqa: F401 (registers bnn before objective_bnn is read)
+from engine.objective_bnn import classification_scores, predictive_entropy, predictive_probs
+from engine.setup import load_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"deterministic": "mnf_small_deterministic.yaml", "mean-field": "mnf_small_mean_field.yaml",
