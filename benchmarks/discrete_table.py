@@ -19,14 +19,8 @@ A uniform model is log2 4 = 2 bits/dim.  (Tran et al. 2019, arXiv:1905.10347; Ho
 """
 import argparse
 import os
-import shutil
-import subprocess
-import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-from benchmarks.equal_budget import evaluate
+from benchmarks.equal_budget import evaluate, train_fresh
 
 RUNS = [
     ("discrete_flow", "experiments/discrete_flow_small.yaml", []),
@@ -49,17 +43,11 @@ def main():
     rows = []
     for name, config, overrides in RUNS:
         out = os.path.join(args.out, name)
-        if os.path.isdir(out):
-            shutil.rmtree(out)  # a fresh run each time: the budget is the whole run
-        os.makedirs(args.out, exist_ok=True)
-        cmd = [sys.executable, "train.py", config, "--out", out, "train.steps=10000000",
-               f"train.time_limit_minutes={args.budget / 60}", "train.eval_every=0", "train.sample_every=0",
-               *overrides, *args.set]
-        print(f"train {name}: {' '.join(cmd[1:])}", flush=True)
-        start = time.time()
-        with open(os.path.join(args.out, f"{name}.log"), "w") as log:
-            code = subprocess.call(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        print(f"  exit {code} after {time.time() - start:.0f} s", flush=True)
+        train_args = ["train.steps=10000000", f"train.time_limit_minutes={args.budget / 60}", "train.eval_every=0",
+                      "train.sample_every=0", *overrides, *args.set]
+        print(f"train {name}: train.py {config} --out {out} {' '.join(train_args)}", flush=True)
+        code, seconds = train_fresh(config, out, train_args, env, os.path.join(args.out, f"{name}.log"))
+        print(f"  exit {code} after {seconds:.0f} s", flush=True)
         r, err = evaluate(out, os.path.join(out, "eval.json"), env, 1) if code == 0 else (None, f"train.py exit {code}")
         if r is None:
             rows.append(f"| {name} | `{config}` | failed: {(err or '')[:120]} | | | | |")

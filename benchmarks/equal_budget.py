@@ -18,6 +18,7 @@ bits/dim (single-sample, and importance-weighted when --iw-samples > 1; with
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -93,6 +94,19 @@ def parse_run(spec: str) -> tuple[str, str, list[str]]:
             raise SystemExit(f"per-run override {o!r} in {spec!r} is not key=value")
         name += "_" + o.split("=", 1)[1].replace("/", "-").replace(" ", "")
     return name, config, overrides
+
+
+def train_fresh(config: str, out: str, overrides: list[str], env: dict, log_path: str) -> tuple[int, float]:
+    """``train.py CONFIG --out OUT OVERRIDES`` from a fresh ``out`` (removed first: the budget is the
+    whole run), its output to ``log_path``: (exit code, wall seconds)."""
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+    start = time.time()
+    with open(log_path, "w") as log:
+        code = subprocess.call([sys.executable, "train.py", config, "--out", out, *overrides], cwd=ROOT, env=env,
+                               stdout=log, stderr=subprocess.STDOUT)
+    return code, time.time() - start
 
 
 def evaluate(out: str, js: str, env: dict, iw_samples: int, max_examples: int | None = None):
