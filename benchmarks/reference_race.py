@@ -13,6 +13,7 @@ Per family: ``ref_<x>.py --config small --batch 64 --warmup 0 --steps 1 --budget
 ``train.py <our small config> --out OUT/<family>_ref_recipe ARCH REF_RECIPE`` and ``... _our_recipe
 ARCH`` (batch 64, ``train.time_limit_minutes=S/60``, ``eval.max_examples=N``), then ``eval.py``;
 one markdown table: family, run, params, steps in S s, test bpd (± s.e. for ours), what it is.
+N is the harness's default 1017 (the whole test split), 128 for Residual Flows and 64 for FFJORD.
 
 ARCH are the overrides that build the reference's small architecture; ``PARAMS`` holds both
 parameter counts (the references' counted by instantiating their models; tests/test_reference_race.py
@@ -76,7 +77,7 @@ FAMILIES = {
         # change training, only what eval.py would score)
         "ref_recipe": ["train.lr=1e-3", "train.betas=[0.9,0.99]", "train.warmup_steps=0", "train.grad_clip=1.0",
                        "train.ema=0", "data.hflip=false"],
-        "ref_kind": "estimated",             # Russian-roulette log-det
+        "ref_kind": "single-sample (K=1)", "logdet": "roulette",   # uniform dequantization; estimated log-det
     },
     "ffjord": {
         "config": "experiments/ffjord_small.yaml", "harness": "ref_ffjord.py", "ref_dir": "ffjord", "eval_n": 64,
@@ -89,7 +90,7 @@ FAMILIES = {
         "ref_recipe": ["train.lr=1e-3", "train.warmup_steps=0", "train.grad_clip=0", "data.hflip=false",
                        "model.solver=dopri5", "model.atol=1e-5", "model.rtol=1e-5", "model.adjoint=true",
                        "model.zero_last=false"],
-        "ref_kind": "estimated",             # Hutchinson trace
+        "ref_kind": "single-sample (K=1)", "logdet": "Hutchinson",  # uniform dequantization; estimated trace
     },
 }
 
@@ -115,6 +116,12 @@ PARAMS = {
 }
 
 KIND_TEXT = {"single-sample (K=1)": "bound (single sample)", "estimated": "estimate", "exact": "exact"}
+
+
+def kind(family: str, bound: str) -> str:
+    """What a test bpd of ``family`` is: eval.py's bound name in words, and an estimated log-det."""
+    logdet = FAMILIES[family].get("logdet")
+    return KIND_TEXT.get(bound, bound) + (f", {logdet} log-det" if logdet else "")
 
 
 def common_overrides(family: str, npz: str, budget: float) -> list[str]:
@@ -161,6 +168,7 @@ def run_ours(family: str, recipe: str, args, env: dict) -> tuple[dict | None, st
     print(f"  exit {code} after {seconds:.0f} s", flush=True)
     if code != 0:
         return None, f"train.py exit {code} (log: {os.path.join(args.out, name + '.log')})"
+    # --max-examples explicitly: eval.py scores a bits/dim model on the whole split whatever eval.max_examples says
     return evaluate(out, os.path.join(out, "eval.json"), env, 1, fam["eval_n"])
 
 
@@ -171,10 +179,10 @@ def table(results: list[tuple[str, str, dict | None, str | None]], budget: float
             lines.append(f"| {family} | {run} | failed: {(err or '')[:150]} | | | |")
         elif run == "reference":
             lines.append(f"| {family} | {run} | {r['params']:,} | {r['train_steps']:,} | {r['test_bpd']:.3f} | "
-                         f"{KIND_TEXT[FAMILIES[family]['ref_kind']]} ({r['test_n']}) |")
+                         f"{kind(family, FAMILIES[family]['ref_kind'])} ({r['test_n']}) |")
         else:
             lines.append(f"| {family} | {run.replace('_', ' ')} | {r['num_params']:,} | {r['step']:,} | "
-                         f"{r['bpd']:.3f} ± {r['stderr']:.3f} | {KIND_TEXT.get(r['bound'], r['bound'])} ({r['n']}) |")
+                         f"{r['bpd']:.3f} ± {r['stderr']:.3f} | {kind(family, r['bound'])} ({r['n']}) |")
     return "\n".join(lines)
 
 
@@ -193,7 +201,7 @@ def parse_args():
     args = parser.parse_args()
     if args.budget <= 0 or args.threads < 1:
         raise FlowlabError("--budget must be > 0 and --threads >= 1")
-    args.refbench = os.path.abspath(args.refbench)
+    args.refbench, args.out = os.path.abspath(args.refbench), os.path.abspath(args.out)
     if not os.path.isfile(os.path.join(args.refbench, "_common.py")):
         raise FlowlabError(f"no refbench harnesses in {args.refbench}: pass --refbench (the folder of ref_*.py)")
     if not args.refs:

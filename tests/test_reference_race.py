@@ -5,10 +5,12 @@ import os
 import sys
 
 import pytest
+import torch
 
 from benchmarks import reference_race as race
 from common.errors import FlowlabError
 from engine.config import load_config
+from models.architectures import build_model
 from tests.helpers import ROOT, meta_parameter_count
 
 NPZ = "some/subset.npz"  # resolved, never read: the models are built on the meta device
@@ -28,6 +30,16 @@ def test_our_model_has_the_recorded_parameter_count(family, recipe):
     assert cfg["train"]["batch_size"] == 64 and cfg["eval"]["max_examples"] == race.FAMILIES[family]["eval_n"]
     assert cfg["data"]["name"] == "npz" and cfg["data"]["path"] == NPZ
     assert cfg["train"]["time_limit_minutes"] == 2.0
+
+
+@pytest.mark.parametrize("family", sorted(race.FAMILIES))
+def test_the_reference_row_names_the_kind_of_number_ours_reports(family):
+    cfg = _config(family, "our_recipe")
+    with torch.device("meta"):
+        model = build_model(cfg["model"], (3, 32, 32), cfg["data"]["n_bits"], cfg["dequantizer"])
+    ours = {"bound": "single-sample (K=1)", "estimated": "estimated", "exact": "exact"}[model.likelihood_kind]
+    assert race.FAMILIES[family]["ref_kind"] == ours
+    assert ("logdet" in race.FAMILIES[family]) == (family in ("resflow", "ffjord"))
 
 
 def test_every_difference_from_the_reference_is_explained():
@@ -58,6 +70,8 @@ def test_table_rows():
     assert lines[2] == "| idf | reference | 10 | 3 | 7.123 | exact (1017) |"
     assert lines[3] == "| idf | ref recipe | 10 | 4 | 6.500 ± 0.010 | exact (1017) |"
     assert "failed: train.py exit 1" in lines[4]
+    row = race.table([("ffjord", "reference", {"params": 1, "train_steps": 2, "test_bpd": 8.0, "test_n": 64}, None)], 5)
+    assert row.splitlines()[2] == "| ffjord | reference | 1 | 2 | 8.000 | bound (single sample), Hutchinson log-det (64) |"
 
 
 def test_missing_references_are_one_line_errors(tmp_path, monkeypatch):
