@@ -54,6 +54,7 @@ def evaluate_run(run_dir: str, split: str, batch_size: int | None, device: str, 
     if cfg.objective["name"] != "bpd":
         return _evaluate_objective(run_dir, cfg, model, info, data, split, batch_size, iw_samples, max_examples)
     images = {"test": data.test, "train": data.train}[split]
+    max_examples = max_examples or cfg.eval.max_examples  # the run's eval.max_examples unless --max-examples
     if max_examples:
         images = images[:max_examples]
     if images.shape[0] == 0:
@@ -219,7 +220,8 @@ def main():
     parser.add_argument("--iw-samples", type=int, default=1, metavar="K",
                         help="also report the importance-weighted bound with K dequantization samples per image")
     parser.add_argument("--max-examples", type=int, metavar="N",
-                        help="evaluate only the first N images of the split (both bounds use the same N)")
+                        help="evaluate only the first N images of the split (both bounds use the same N; "
+                             "default: the run's eval.max_examples, else the whole split)")
     parser.add_argument("--iw-chunk", type=int, default=64,
                         help="importance samples per forward pass (memory: batch-size / iw-chunk images per forward)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

@@ -2,7 +2,7 @@
 
     python benchmarks/equal_budget.py CONFIG.yaml [CONFIG.yaml ...] --minutes 10
         [--threads 1] [--parallel 2] [--out runs/equal_budget] [--set key=value ...] [--iw-samples K]
-        [--iw-max-examples N]
+        [--iw-max-examples N] [--eval-threads T]
 
 A config may carry overrides for its run alone: ``CONFIG.yaml::key=value[::key=value ...]``
 (e.g. the same backbone with ``dequantizer.kind=uniform`` and ``=variational``); the run
@@ -13,7 +13,9 @@ Each config runs ``train.py CONFIG --out OUT/<name> train.time_limit_minutes=M``
 run gets the same share of the machine.  Then ``eval.py`` scores each run on its test
 split and a markdown table is printed: steps and images reached in the budget, test
 bits/dim (single-sample, and importance-weighted when --iw-samples > 1; with
---iw-max-examples N the IW bound is on the first N test images only, K=1 on all of them).
+--iw-max-examples N the IW bound is on the first N test images only, K=1 on all of them) with
+its kind (exact, single-sample bound, estimated).  The evaluations run one after the other
+after all training, outside the budget, with ``--eval-threads`` threads (default 2).
 """
 import argparse
 import json
@@ -36,7 +38,9 @@ def main():
     parser.add_argument("--set", action="append", default=[], help="override for every run, e.g. train.eval_every=0")
     parser.add_argument("--iw-samples", type=int, default=1)
     parser.add_argument("--iw-max-examples", type=int, help="IW bound on the first N test images only")
+    parser.add_argument("--eval-threads", type=int, default=2, help="CPU threads of each (sequential) evaluation")
     args = parser.parse_args()
+    eval_env = {**os.environ, "OMP_NUM_THREADS": str(args.eval_threads), "MKL_NUM_THREADS": str(args.eval_threads)}
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     runs = [parse_run(spec) for spec in args.configs]
     names = [name for name, _, _ in runs]
@@ -65,12 +69,12 @@ def main():
         out = os.path.join(args.out, name)
         js = os.path.join(out, "eval.json")
         iw_apart = args.iw_samples > 1 and args.iw_max_examples
-        r, err = evaluate(out, js, env, 1 if iw_apart else args.iw_samples)
+        r, err = evaluate(out, js, eval_env, 1 if iw_apart else args.iw_samples)
         if r is not None and iw_apart:
-            r_iw, iw_err = evaluate(out, os.path.join(out, "eval_iw.json"), env, args.iw_samples, args.iw_max_examples)
+            r_iw, iw_err = evaluate(out, os.path.join(out, "eval_iw.json"), eval_env, args.iw_samples, args.iw_max_examples)
             r["iw"] = r_iw["iw"] if r_iw is not None else {"error": iw_err}
         if r is None:
-            rows.append(f"| {name} | failed: {err[:120]} | | | | |")
+            rows.append(f"| {name} | failed: {err[:120]} | | | | | |")
             continue
         if r.get("iw") and "error" in r["iw"]:
             iw = f"failed: {r['iw']['error'][:120]}"
@@ -78,10 +82,10 @@ def main():
             iw = (f"{r['iw']['bpd']:.3f} ± {r['iw']['stderr']:.3f} (K={r['iw']['k']}, n={r['iw']['n']})"
                   if r.get("iw") else "–")
         rows.append(f"| {name} | {r['num_params']:,} | {r['step']:,} | {r['images_seen']:,} | "
-                    f"{r['bpd']:.3f} ± {r['stderr']:.3f} (n={r['n']}) | {iw} |")
+                    f"{r['bpd']:.3f} ± {r['stderr']:.3f} (n={r['n']}) | {r['bound']} | {iw} |")
     print(f"\n{args.minutes:g} min each, {args.threads} thread(s) per run, {args.parallel} at a time\n")
-    print("| config | params | steps | images seen | test bpd (K=1) | test bpd (IW) |")
-    print("|---|---|---|---|---|---|")
+    print("| config | params | steps | images seen | test bpd (K=1) | kind | test bpd (IW) |")
+    print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

@@ -144,3 +144,12 @@ def test_protocol_and_the_paired_table(run_a):
     diff = np.load(rb["iw"]["per_image"]) - np.load(ra["iw"]["per_image"])
     assert f"{diff.mean():+.4f} ± {diff.std(ddof=1) / math.sqrt(37):.4f}" in paired[0]
     assert diff.mean() == pytest.approx(rb["iw"]["bpd"] - ra["iw"]["bpd"], abs=1e-12)
+
+
+def test_eval_defaults_to_the_runs_eval_max_examples(run_a, tmp_path):
+    """eval.py scores the first eval.max_examples test images of a run that sets it (as the
+    trainer's own evaluation does); --max-examples overrides it."""
+    _, data, tmp = run_a
+    run = tiny_run(tmp_path / "capped", data, "eval.max_examples=10")
+    assert evaluate(run, tmp_path / "e1")["n"] == 10
+    assert evaluate(run, tmp_path / "e2", max_examples=20)["n"] == 20
