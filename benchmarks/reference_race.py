@@ -168,7 +168,7 @@ def run_ours(family: str, recipe: str, args, env: dict) -> tuple[dict | None, st
     print(f"  exit {code} after {seconds:.0f} s", flush=True)
     if code != 0:
         return None, f"train.py exit {code} (log: {os.path.join(args.out, name + '.log')})"
-    # --max-examples explicitly: eval.py scores a bits/dim model on the whole split whatever eval.max_examples says
+    # the same first eval_n test images as the harness (the run's eval.max_examples; said again explicitly)
     return evaluate(out, os.path.join(out, "eval.json"), env, 1, fam["eval_n"])
 
 
