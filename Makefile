@@ -1,6 +1,7 @@
 # flowlab: make venv | test | quickstart | benchmark | clean
 #
-#   make test                          build .venv (when needed) and run the test suite
+#   make test [TEST_WORKERS=N]         build .venv (when needed) and run the test suite on N
+#                                      pytest-xdist workers (default auto: one per core)
 #   make quickstart [RUN=runs/NAME]    train, sample and evaluate experiments/quickstart.yaml
 #                   [TRAIN_ARGS=...]   into a fresh timestamped run directory (TRAIN_ARGS: overrides
 #                                      for train.py, e.g. TRAIN_ARGS="train.steps=50")
@@ -18,6 +19,8 @@ ifndef RUN
 RUN := runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 endif
 BENCH_ARGS ?=
+# pytest-xdist workers for `make test` (auto: one per core; each gets cores/workers torch threads)
+TEST_WORKERS ?= auto
 TRAIN_ARGS ?=
 
 # A .venv whose python is missing or does not start is rebuilt from scratch.
@@ -38,7 +41,7 @@ $(STAMP): requirements.txt pyproject.toml $(if $(VENV_OK),,FORCE)
 FORCE:
 
 test: venv
-	$(VPY) -m pytest -q -p no:cacheprovider tests
+	$(VPY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) tests
 
 quickstart: venv
 	$(VPY) train.py experiments/quickstart.yaml --out $(RUN) $(TRAIN_ARGS)

@@ -16,6 +16,8 @@
   contract checks that a seed reproduces ``log_prob`` exactly.
 * ``one_thread`` (opt-in): torch on one thread for the test (restored afterwards); small
   models train many times faster so on a shared CPU than with threads fighting for cores.
+* Under pytest-xdist (``make test`` runs ``pytest -n auto``) every worker gets
+  cores // workers torch threads, and so do the commands its tests start.
 """
 from __future__ import annotations
 
@@ -53,8 +55,20 @@ def _requested_device(config) -> torch.device:
 
 def pytest_configure(config):
     config._flowlab_device = _requested_device(config)  # fails at start, before any collection
+    _share_cores_between_workers()
     if config._flowlab_device.type == "cuda":  # deterministic cuBLAS needs this before its first use
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def _share_cores_between_workers() -> None:
+    """Under pytest-xdist (``pytest -n N``) each worker gets cores // N torch threads, and the
+    commands its tests start get the same through OMP_NUM_THREADS (unless a test sets it):
+    N workers with a thread per core each would oversubscribe the machine N times."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 def pytest_report_header(config):

@@ -14,7 +14,8 @@ import torch
 
 from engine.config import load_config
 from models.architectures import build_model, resflow
-from models.nets.lipschitz import LipSwish, SpectralNormConv2d, SpectralNormLinear
+from models.nets.lipschitz import SpectralNormConv2d, SpectralNormLinear
+from models.nets.lipswish import LipSwish
 from models.nets.resflow_nets import ConvResidualNet, FCResidualNet
 from models.transforms.bijections.actnorm import ActNorm
 from models.transforms.residual.iresblock import InvertibleResidualBlock
@@ -144,6 +145,67 @@ def test_lipswish_is_1_lipschitz():
         assert d.abs().max().item() <= 1.0
 
 
+def test_lipswish_without_autograd_is_the_same_function():
+    act = LipSwish()
+    x = torch.linspace(-10, 10, 2001)
+    for beta in (-3.0, 0.5, 5.0):
+        with torch.no_grad():
+            act.beta.fill_(beta)
+            fused = act(x.clone())
+        with torch.enable_grad():
+            plain = act(x)
+        torch.testing.assert_close(fused, plain.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_lipswish_derivatives_of_every_order_match_the_plain_formula(float64):
+    act = LipSwish(beta=0.3)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    assert torch.autograd.gradcheck(act, (x,))
+    assert torch.autograd.gradgradcheck(act, (x,))  # the Neumann gradient differentiates the vjp
+    plain = x * torch.sigmoid(x * torch.nn.functional.softplus(act.beta)) / 1.1
+    w = torch.randn_like(x)
+    ours = torch.autograd.grad((act(x) * w).sum(), (x, act.beta), create_graph=True)
+    ref = torch.autograd.grad((plain * w).sum(), (x, act.beta), create_graph=True)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
+    second = [torch.autograd.grad(g.sum(), (x, act.beta), retain_graph=True) for g in (ours[0], ref[0])]
+    for a, b in zip(*second):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(torch.autograd.grad((act(x) * w).sum(), (x, act.beta)),  # the fused first-order path
+                    torch.autograd.grad((plain * w).sum(), (x, act.beta))):
+        torch.testing.assert_close(a, b)
+
+
+def test_lipswish_keeps_one_activation_sized_tensor_for_backward():
+    x = torch.randn(4, 8, 16, 16, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    act = LipSwish()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        act(x)
+    assert sum(n for n in saved if n == x.numel()) == x.numel()  # x alone (the formula keeps x and sigmoid)
+
+
+def test_the_eval_weight_cache_follows_the_weight():
+    conv = SpectralNormConv2d(2, 3, 3, (2, 4, 4), coeff=0.5)
+    conv.power_iteration()
+    conv.eval()
+    with torch.no_grad():
+        cached = conv.normalized_weight()
+        assert conv.normalized_weight() is cached  # sampling's fixed-point iterations reuse it
+        conv.weight.mul_(3.0)  # an optimizer step or an EMA swap bumps the version
+        fresh = conv.normalized_weight()
+    assert fresh is not cached
+    torch.testing.assert_close(fresh, conv.weight / torch.clamp(conv._eval_sigma() / 0.5, min=1.0))
+    x = torch.randn(1, 2, 4, 4, requires_grad=True)
+    conv(x).sum().backward()  # with autograd no cached (graph-less) weight is used
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
 def test_lipschitz_constant_stays_below_coeff_after_training_steps():
     torch.manual_seed(0)
     model = tiny_resflow(coeff=0.98)
@@ -270,7 +332,7 @@ def test_fixed_point_inverse_reconstructs_to_tolerance(float64):
     for fc in (False, True):
         block = strong_block(fc=fc, inverse_atol=1e-10, inverse_rtol=1e-10, inverse_max_iters=1000)
         assert_invertible(block, torch.randn(4, 2, 3, 3), atol=1e-8)
-        assert 1 < block.last_inverse_iters < 1000 and block.last_inverse_residual < 1e-9
+        assert 1 < block.last_inverse_iters < 1000 and block.last_inverse_step < 1e-8
     block = strong_block(inverse_max_iters=3)  # the cap holds
     with torch.no_grad():
         block.inverse(torch.randn(4, 2, 3, 3))
@@ -292,7 +354,7 @@ def test_model_inverse_and_sampling(float64):
             y_rec = t.inverse(y_rec)
     assert (y_rec - y).abs().max().item() < 1e-6
     diag = model.diagnostics_summary()
-    assert diag["inverse_iters/max"] >= 1 and diag["inverse_residual/max"] < 1e-6
+    assert diag["inverse_iters/max"] >= 1 and diag["inverse_step/max"] < 1e-6
     samples = model.sample(3)
     assert samples.shape == (3, *SHAPE) and torch.isfinite(samples).all()
 

@@ -62,21 +62,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class LipSwish(nn.Module):
-    """LipSwish (Residual Flows §4.2): f(x) = x * sigmoid(softplus(beta) x) / 1.1.
-
-    Swish's derivative is bounded by about 1.0998 for any slope, so dividing by 1.1 makes
-    it 1-Lipschitz; beta (init 0.5, one scalar per activation) is learned.
-    """
-
-    def __init__(self, beta: float = 0.5):
-        super().__init__()
-        self.beta = nn.Parameter(torch.tensor([float(beta)]))
-
-    def forward(self, x):
-        return x * torch.sigmoid(x * F.softplus(self.beta).to(x.dtype)) / 1.1
-
-
 def _conjugate(r: float) -> float:
     """r* with 1/r + 1/r* = 1 (1 and inf are each other's conjugate)."""
     if r == 1.0:
@@ -119,6 +104,7 @@ class SpectralNormBase(nn.Module):
         self.max_iters, self.init_iters = int(max_iters), int(init_iters)
         self.last_iters = 0  # diagnostics only
         self._eval_cache = None
+        self._eval_weight_cache = None
 
     def _reset_weight(self, fan_in: int) -> None:
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
@@ -187,10 +173,13 @@ class SpectralNormBase(nn.Module):
             return self._closed_form_sigma(self.weight)
         return torch.dot(self.u.to(self.weight.dtype), self._mv(self.weight, self.v.to(self.weight.dtype)))
 
+    def _eval_key(self) -> tuple:
+        return (self.weight._version, self.weight.data_ptr(), self.u._version, self.v._version, self.weight.dtype)
+
     def _eval_sigma(self) -> torch.Tensor:
         if self.closed_form:
             return self._closed_form_sigma(self.weight.detach())
-        key = (self.weight._version, self.weight.data_ptr(), self.u._version, self.v._version, self.weight.dtype)
+        key = self._eval_key()
         if self._eval_cache is None or self._eval_cache[0] != key:
             with torch.no_grad():
                 w = self.weight.detach()
@@ -200,10 +189,18 @@ class SpectralNormBase(nn.Module):
         return self._eval_cache[1]
 
     def normalized_weight(self) -> torch.Tensor:
-        """W / max(1, sigma / coeff)."""
-        sigma = self.sigma() if self.training else self._eval_sigma()
-        factor = torch.clamp(sigma / self.coeff, min=1.0)
-        return self.weight / factor
+        """W / max(1, sigma / coeff).  In eval mode without autograd (sampling: every
+        fixed-point iteration of the inverse calls it) W_hat itself is cached with sigma,
+        keyed on the same versions."""
+        if self.training:
+            return self.weight / torch.clamp(self.sigma() / self.coeff, min=1.0)
+        sigma = self._eval_sigma()
+        if torch.is_grad_enabled() or self.closed_form:
+            return self.weight / torch.clamp(sigma / self.coeff, min=1.0)
+        key = ("w_hat", *self._eval_key())
+        if self._eval_weight_cache is None or self._eval_weight_cache[0] != key:
+            self._eval_weight_cache = (key, self.weight / torch.clamp(sigma / self.coeff, min=1.0))
+        return self._eval_weight_cache[1]
 
 
 class SpectralNormLinear(SpectralNormBase):

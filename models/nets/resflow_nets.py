@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from models.nets.lipschitz import LipSwish, SpectralNormConv2d, SpectralNormLinear
+from models.nets.lipschitz import SpectralNormConv2d, SpectralNormLinear
+from models.nets.lipswish import LipSwish
 
 ACTIVATIONS = {
     "lipswish": LipSwish,
