@@ -70,7 +70,7 @@ def test_profiles_one_step_of_the_harness_model(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["reference"] == "stand-in IDF" and out["batch"] == 16
     assert 0 < out["kernel_floor_seconds"] <= out["profiled_seconds"] and 0 < out["kernel_share"] <= 1
-    assert any(r["op"] == "aten::mkldnn_convolution" or "convolution" in r["op"] for r in out["top"])
+    assert any("convolution" in r["op"] for r in out["top"])
     assert json.loads((tmp_path / "p.json").read_text())["kernel_share"] == out["kernel_share"]
     assert "kernel floor" in proc.stdout
 

@@ -204,6 +204,8 @@ def test_the_eval_weight_cache_follows_the_weight():
     x = torch.randn(1, 2, 4, 4, requires_grad=True)
     conv(x).sum().backward()  # with autograd no cached (graph-less) weight is used
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    conv.train()  # training drops the copy
+    assert conv._eval_weight_cache is None
 
 
 def test_lipschitz_constant_stays_below_coeff_after_training_steps():

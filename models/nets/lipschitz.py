@@ -188,16 +188,21 @@ class SpectralNormBase(nn.Module):
             self._eval_cache = (key, s)
         return self._eval_cache[1]
 
+    def train(self, mode: bool = True):
+        if mode:  # the eval-mode W_hat is a copy of the weight: not kept through training
+            self._eval_weight_cache = None
+        return super().train(mode)
+
     def normalized_weight(self) -> torch.Tensor:
         """W / max(1, sigma / coeff).  In eval mode without autograd (sampling: every
         fixed-point iteration of the inverse calls it) W_hat itself is cached with sigma,
-        keyed on the same versions."""
+        keyed on the same versions, until the layer is put back in training mode."""
         if self.training:
             return self.weight / torch.clamp(self.sigma() / self.coeff, min=1.0)
         sigma = self._eval_sigma()
         if torch.is_grad_enabled() or self.closed_form:
             return self.weight / torch.clamp(sigma / self.coeff, min=1.0)
-        key = ("w_hat", *self._eval_key())
+        key = self._eval_key()
         if self._eval_weight_cache is None or self._eval_weight_cache[0] != key:
             self._eval_weight_cache = (key, self.weight / torch.clamp(sigma / self.coeff, min=1.0))
         return self._eval_weight_cache[1]

@@ -29,11 +29,16 @@ def _lipswish(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(x * b) / 1.1
 
 
+def _lipswish_fused(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The same f as silu(b x) / (1.1 b): one fused kernel on one new buffer (no autograd)."""
+    return F.silu(x * b, inplace=True).div_(1.1 * b)
+
+
 class _LipSwishFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, b):
         ctx.save_for_backward(x, b)
-        return F.silu(x * b).div_(1.1 * b)
+        return _lipswish_fused(x, b)
 
     @staticmethod
     def backward(ctx, grad):
@@ -60,6 +65,4 @@ class LipSwish(nn.Module):
 
     def forward(self, x):
         b = F.softplus(self.beta).to(x.dtype)
-        if not torch.is_grad_enabled():
-            return F.silu(x * b, inplace=True).div_(1.1 * b)
-        return _LipSwishFn.apply(x, b)
+        return _lipswish_fused(x, b) if not torch.is_grad_enabled() else _LipSwishFn.apply(x, b)
