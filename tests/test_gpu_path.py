@@ -59,9 +59,14 @@ def test_compile_keys_are_validated():
             resolve_overrides(["model.name=glow", bad])
 
 
-def test_compiled_forward_gives_the_eager_loss_and_gradients():
+# every family the trainer compiles (ffjord is never compiled: engine.compile.EAGER_FAMILIES)
+COMPILED_FAMILIES = ["glow", "flowpp", "resflow", "realnvp", "idf", "argmax"]
+
+
+@pytest.mark.parametrize("family", COMPILED_FAMILIES)
+def test_compiled_forward_gives_the_eager_loss_and_gradients(family):
     torch.manual_seed(0)
-    model, data = tiny_model("glow", torch.device("cpu"))
+    model, data = tiny_model(family, torch.device("cpu"))
     model.train()
     x = data.batch(4, "cpu", generator=torch.Generator().manual_seed(1))
     names = [n for n, _ in model.named_parameters()]

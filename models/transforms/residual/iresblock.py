@@ -106,6 +106,12 @@ class InvertibleResidualBlock(Transform):
         n_exact = self.n_exact if self.training else self.n_exact_eval
         return roulette_weights(n_exact, sample_roulette(self.dist, self.dist_param), self.dist, self.dist_param)
 
+    # Under ``train.compile`` the block runs eagerly (one graph break on each side): the log-det
+    # estimators differentiate g's vector-Jacobian products again (the Neumann surrogate's
+    # ``create_graph``, the memory-efficient backward-in-forward, backprop through the series),
+    # and AOTAutograd's compiled graphs support no double backward.  The layers around the
+    # blocks (ActNorm, squeezes, the logit transform, the prior) are still compiled.
+    @torch.compiler.disable
     def forward(self, x, context=None):
         dtype = compute_dtype(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
