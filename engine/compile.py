@@ -66,17 +66,29 @@ class _CompiledOrEager:
             return self.eager(*args, **kwargs)
 
 
+# why a forward under ``train.activation_memory`` other than ``store`` is not compiled
+EAGER_ACTIVATION_MEMORY = ("its layers run under torch.utils.checkpoint (with a context_fn that restores buffers "
+                           "after the recomputation, which Dynamo cannot trace) or invertible backprop's autograd "
+                           "functions: the step's work is in them")
+
+
 def compile_forward(model: torch.nn.Module, mode: str, backend: str = "inductor", what: str = "the model",
-                    log: Callable[[str], None] = print, family: str | None = None) -> bool:
+                    log: Callable[[str], None] = print, family: str | None = None,
+                    activation_memory: str = "store") -> bool:
     """Compile ``model.forward`` in place (``mode`` of ``MODES``, ``backend`` of ``BACKENDS``);
-    returns whether it did (``mode == "none"``: nothing happens; a family of ``EAGER_FAMILIES``:
-    one note, nothing compiled).  ``uncompile`` undoes it."""
+    returns whether it did (``mode == "none"``: nothing happens; a family of ``EAGER_FAMILIES``
+    or ``activation_memory`` other than ``store``: one note, nothing compiled).  ``uncompile``
+    undoes it."""
     if mode not in MODES or backend not in BACKENDS:
         raise ValueError(f"compile mode must be one of {MODES} and backend one of {BACKENDS}, got {mode!r}, {backend!r}")
     if mode == "none":
         return False
     if family in EAGER_FAMILIES:
         log(f"note: train.compile={mode}: {what} runs eagerly: {EAGER_FAMILIES[family]}")
+        return False
+    if activation_memory != "store":
+        log(f"note: train.compile={mode}: {what} runs eagerly under train.activation_memory={activation_memory}: "
+            f"{EAGER_ACTIVATION_MEMORY}")
         return False
     eager = model.forward
     options = {} if backend != "inductor" or mode == "default" else {"mode": mode}

@@ -105,7 +105,7 @@ class Trainer:
             resume.restore(optimizer=self.optimizer, ema=self.ema)
             self.step, self.images_seen, self.nonfinite_total = resume.step, resume.images_seen, resume.nonfinite_total
         compile_forward(self.model, t.compile, t.compile_backend, what=f"model '{self.cfg.model['name']}'",
-                        log=self.log, family=self.cfg.model["name"])
+                        log=self.log, family=self.cfg.model["name"], activation_memory=t.activation_memory)
         self.wrapped, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         keep_step_on_device(self.optimizer, self.acc.device)
         # How a non-finite step is kept out: "mask" keeps the update only where the device flag is

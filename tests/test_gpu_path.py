@@ -133,6 +133,23 @@ def test_the_trainer_compiles_the_forward_and_takes_the_eager_step(tmp_path):
     assert is_compiled(model)
 
 
+@pytest.mark.parametrize("activation_memory", ["checkpoint", "invertible"])
+def test_compile_under_activation_memory_runs_eagerly_and_says_why(tmp_path, activation_memory):
+    # Dynamo cannot trace checkpoint's context_fn: compiled, the first call fell back to eager
+    eager = make_trainer(tmp_path / "eager", extra=[f"train.activation_memory={activation_memory}"])
+    both = make_trainer(tmp_path / "both", extra=[f"train.activation_memory={activation_memory}", "train.compile=default",
+                                                  "train.compile_backend=eager"])
+    assert not is_compiled(both.model) and compile_fallback(both.model) is None  # never tried
+    for step in range(2):
+        a, b = eager.train_step(step), both.train_step(step)
+        assert float(b["bpd"]) == float(a["bpd"])
+    notes = []
+    model, _ = tiny_model("glow", torch.device("cpu"))
+    assert not compile_forward(model, "default", "eager", what="model 'glow'", log=notes.append,
+                               activation_memory=activation_memory)
+    assert len(notes) == 1 and f"runs eagerly under train.activation_memory={activation_memory}" in notes[0]
+
+
 def test_ffjord_is_not_compiled_and_says_why(tmp_path):
     notes = []
     model, _ = tiny_model("ffjord", torch.device("cpu"))
