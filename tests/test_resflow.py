@@ -220,6 +220,76 @@ def test_lipswish_keeps_one_activation_sized_tensor_for_backward():
     assert sum(n for n in saved if n == x.numel()) == x.numel()  # x alone (the formula keeps x and sigmoid)
 
 
+def _folded_and_plain_nets():
+    """The residual branches of Residual Flows with random slopes: conv (with and without the
+    pre-activation) and fully connected."""
+    torch.manual_seed(0)
+    nets = [ConvResidualNet((3, 4, 4), 6, preact=True), ConvResidualNet((3, 4, 4), 6, preact=False),
+            FCResidualNet((3, 2, 2), 5, preact=True)]
+    for net in nets:
+        for m in net.modules():
+            if isinstance(m, LipSwish):
+                with torch.no_grad():
+                    m.beta.uniform_(-1.0, 1.5)
+    return nets
+
+
+def test_folded_lipswish_nets_are_the_plain_composition_to_every_derivative_order(float64):
+    # the slopes folded into the layers around them (lipswish_chain) against the layers run one by one
+    for net in _folded_and_plain_nets():
+        assert net.fold_lipswish
+        x = torch.randn(2, *((3, 4, 4) if isinstance(net, ConvResidualNet) else (3, 2, 2)), requires_grad=True)
+        w = torch.randn_like(x)
+        params = [x, *net.parameters()]
+        results = []
+        for fold in (True, False):
+            net.fold_lipswish = fold
+            y = net(x)
+            first = torch.autograd.grad((y * w).sum(), params, create_graph=True)  # every parameter, every beta
+            vjp = first[0]  # a power-series vector-Jacobian product, differentiated again (Neumann)
+            second = torch.autograd.grad((vjp * w).sum(), params, allow_unused=True)
+            with torch.no_grad():
+                sampled = net(x.detach().clone())  # the in-place path of sampling
+            results.append([y, *first, *[torch.zeros(()) if s is None else s for s in second], sampled])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b)
+        net.fold_lipswish = True
+        assert torch.autograd.gradgradcheck(lambda t: net(t), (x,))
+
+
+def test_folded_lipswish_nets_make_no_elementwise_pass_for_the_slope():
+    # plain LipSwish computes b y (and divides by 1.1) over every hidden activation in the forward
+    # and in each backward; folded, those products touch only the weights
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    hidden = 6
+    net = ConvResidualNet((3, 4, 4), hidden, preact=True)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    hidden_numel = 2 * hidden * 4 * 4
+
+    class CountHiddenProducts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.products = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.mul, torch.ops.aten.div, torch.ops.aten.mul_,
+                                       torch.ops.aten.div_) and out.numel() == hidden_numel:
+                self.products += 1
+            return out
+
+    counts = {}
+    for fold in (False, True):
+        net.fold_lipswish = fold
+        with CountHiddenProducts() as mode:
+            y = net(x)
+            (vjp,) = torch.autograd.grad(y, x, torch.ones_like(y), retain_graph=True)
+            y.sum().backward()
+        counts[fold] = mode.products
+    assert counts[False] >= 6 and counts[True] == 0, counts
+
+
 def test_the_eval_weight_cache_follows_the_weight():
     conv = SpectralNormConv2d(2, 3, 3, (2, 4, 4), coeff=0.5)
     conv.power_iteration()

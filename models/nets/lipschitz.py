@@ -133,6 +133,14 @@ class SpectralNormBase(nn.Module):
     def _rmv(self, weight, u):
         raise NotImplementedError
 
+    def affine(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """This layer's map with the given weight and bias (``forward`` passes W_hat and b;
+        ``models.nets.resflow_nets`` passes them rescaled by the activations around it)."""
+        raise NotImplementedError
+
+    def forward(self, x):
+        return self.affine(x, self.normalized_weight().to(x.dtype), self.bias.to(x.dtype))
+
     def _iterate(self, weight, u, v, max_iters: int, atol: float, rtol: float):
         """Power iteration from (u, v); returns refined copies and the iterations used.
 
@@ -227,8 +235,8 @@ class SpectralNormLinear(SpectralNormBase):
     def _rmv(self, weight, u):
         return torch.mv(weight.t(), u)
 
-    def forward(self, x):
-        return F.linear(x, self.normalized_weight().to(x.dtype), self.bias.to(x.dtype))
+    def affine(self, x, weight, bias):
+        return F.linear(x, weight, bias)
 
     def extra_repr(self):
         return (f"{self.in_features}, {self.out_features}, coeff={self.coeff}, norms={self.domain}->{self.codomain}, "
@@ -277,8 +285,8 @@ class SpectralNormConv2d(SpectralNormBase):
         out = F.conv_transpose2d(u.reshape(1, self.out_channels, *self.spatial), weight, padding=self.padding)
         return out.reshape(-1)
 
-    def forward(self, x):
-        return F.conv2d(x, self.normalized_weight().to(x.dtype), self.bias.to(x.dtype), padding=self.padding)
+    def affine(self, x, weight, bias):
+        return F.conv2d(x, weight, bias, padding=self.padding)
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, in_hw={self.spatial}, "

@@ -78,6 +78,10 @@ class LipSwish(nn.Module):
         super().__init__()
         self.beta = nn.Parameter(torch.tensor([float(beta)]))
 
+    def slope(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """b = softplus(beta), shape (1,)."""
+        return F.softplus(self.beta).to(dtype)
+
     def forward(self, x):
-        b = F.softplus(self.beta).to(x.dtype)
+        b = self.slope(x.dtype)
         return _lipswish_fused(x, b) if not torch.is_grad_enabled() else _LipSwishFn.apply(x, b)

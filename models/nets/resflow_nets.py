@@ -9,9 +9,27 @@ ConvResidualNet (kernels '3-1-3', the official CIFAR-10 block, pre-activation):
     induced mixed norms; the first and last must agree.
 FCResidualNet (the fully connected blocks at the end of the last scale):
     [act] -> flatten -> SNLinear D->h -> act -> SNLinear h->h -> act -> SNLinear h->D -> reshape
+
+With LipSwish, f(y) = silu(b y) / (1.1 b), both nets fold every activation's slope into
+the layers around it (``lipswish_chain``):
+
+    b (W x + c) = (b W) x + b c                 b multiplies the layer before it,
+    W' f(y) = (W' / (1.1 b)) silu(b y) + c'     1 / (1.1 b) the layer after it,
+
+so g is the same function with one plain silu per activation.  No pass over an
+activation computes b y or divides by 1.1, in the forward or in any backward (the
+power series evaluates g and its vector-Jacobian products several times per block, and
+differentiates one of them again); rescaling a weight costs a pass over the weight only.
+Autograd's silu keeps its input alone for the backward, as LipSwish's own Function does,
+and its double backward is PyTorch's closed form.  A leading activation (pre-activation)
+has no layer before it: b x is one product on the block's input (few channels).  The
+parameters (each LipSwish's beta, each layer's weight and bias) and the state_dict are
+unchanged.
 """
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.nets.lipschitz import SpectralNormConv2d, SpectralNormLinear
@@ -40,6 +58,29 @@ def _act(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
+def lipswish_chain(layers, x: torch.Tensor) -> torch.Tensor:
+    """``[LipSwish] layer (LipSwish layer)*`` applied to x with the slopes folded into the
+    layers (module docstring); each layer offers ``normalized_weight``, ``bias`` and
+    ``affine(x, weight, bias)`` (``models.nets.lipschitz``)."""
+    inplace = not torch.is_grad_enabled()  # sampling: silu on the fresh layer output in place
+    scale = None  # the factor the next layer's weight takes: 1 / (1.1 b) of the activation before it
+    start = 0
+    if isinstance(layers[0], LipSwish):
+        b = layers[0].slope(x.dtype)
+        x, scale, start = F.silu(x * b, inplace=inplace), 1.0 / (1.1 * b), 1
+    for i in range(start, len(layers), 2):
+        layer, act = layers[i], layers[i + 1] if i + 1 < len(layers) else None
+        weight, bias = layer.normalized_weight().to(x.dtype), layer.bias.to(x.dtype)
+        if act is not None:
+            b = act.slope(x.dtype)
+            scale, bias = (b if scale is None else scale * b), bias * b
+        x = layer.affine(x, weight if scale is None else weight * scale, bias)
+        scale = None
+        if act is not None:
+            x, scale = F.silu(x, inplace=inplace), 1.0 / (1.1 * b)
+    return x
+
+
 class ConvResidualNet(nn.Sequential):
     def __init__(self, in_shape: tuple[int, int, int], hidden: int, kernels=(3, 1, 3), activation: str = "lipswish",
                  preact: bool = True, norms=None, **sn):
@@ -54,6 +95,10 @@ class ConvResidualNet(nn.Sequential):
             if i < len(kernels) - 1:
                 layers.append(_act(activation))
         super().__init__(*layers)
+        self.fold_lipswish = activation == "lipswish"
+
+    def forward(self, x):
+        return lipswish_chain(list(self), x) if self.fold_lipswish else super().forward(x)
 
 
 class FCResidualNet(nn.Module):
@@ -70,6 +115,9 @@ class FCResidualNet(nn.Module):
             if i < n_layers - 1:
                 layers.append(_act(activation))
         self.net = nn.Sequential(*layers)
+        self.fold_lipswish = activation == "lipswish"
 
     def forward(self, x):
-        return self.net(x.reshape(x.shape[0], -1)).reshape(x.shape)
+        h = x.reshape(x.shape[0], -1)
+        h = lipswish_chain(list(self.net), h) if self.fold_lipswish else self.net(h)
+        return h.reshape(x.shape)
