@@ -290,6 +290,51 @@ def test_folded_lipswish_nets_make_no_elementwise_pass_for_the_slope():
     assert counts[False] >= 6 and counts[True] == 0, counts
 
 
+def test_silu_derivatives_of_every_order_match_autograds_silu(float64):
+    from models.nets.silu import silu
+
+    u = torch.randn(3, 5, requires_grad=True)
+    assert torch.autograd.gradcheck(silu, (u,)) and torch.autograd.gradgradcheck(silu, (u,))
+    w, w2, w3 = torch.randn_like(u), torch.randn_like(u), torch.randn_like(u)
+    results = []
+    for f in (silu, torch.nn.functional.silu):
+        (d1,) = torch.autograd.grad((f(u) * w).sum(), u, create_graph=True)
+        (d2,) = torch.autograd.grad((d1 * w2).sum(), u, create_graph=True)  # the Neumann gradient's order
+        (d3,) = torch.autograd.grad((d2 * w3).sum(), u)  # a graph built through the second order
+        results.append((d1, d2, d3))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+def test_silu_first_and_second_derivatives_make_fewer_passes_than_autograds():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from models.nets.silu import silu
+
+    u = torch.randn(4, 6, requires_grad=True)
+    w = torch.randn_like(u)
+
+    class CountPasses(TorchDispatchMode):  # operations with an output the size of the activation
+        def __init__(self):
+            super().__init__()
+            self.passes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.passes += isinstance(out, torch.Tensor) and out.numel() == u.numel() and func.overloadpacket not in (
+                torch.ops.aten.detach, torch.ops.aten.view, torch.ops.aten.alias)
+            return out
+
+    counts = []
+    for f in (silu, torch.nn.functional.silu):
+        y = f(u)
+        with CountPasses() as mode:  # the first derivative with a graph, then the second
+            (d1,) = torch.autograd.grad(y, u, w, create_graph=True)
+            torch.autograd.grad(d1.sum(), u)
+        counts.append(mode.passes)
+    assert counts[0] <= 8 < 12 <= counts[1], counts
+
+
 def test_the_eval_weight_cache_follows_the_weight():
     conv = SpectralNormConv2d(2, 3, 3, (2, 4, 4), coeff=0.5)
     conv.power_iteration()
