@@ -112,6 +112,10 @@ class InvertibleResidualBlock(Transform):
     # and AOTAutograd's compiled graphs support no double backward.  The layers around the
     # blocks (ActNorm, squeezes, the logit transform, the prior) are still compiled.
     @torch.compiler.disable
+    def forward_aux(self, x, context=None):  # (disabled too: else Dynamo resumes in this frame after
+        return super().forward_aux(x, context)  # every block, recompiling it per block past its limit)
+
+    @torch.compiler.disable
     def forward(self, x, context=None):
         dtype = compute_dtype(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
