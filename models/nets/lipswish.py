@@ -13,8 +13,8 @@ keeps x alone and recomputes in the backward pass:
     df/dx = silu'(b x) / 1.1                                    (one fused silu_backward)
     sum dL/df * df/db = [sum x (dL/df silu'(b x))] / (1.1 b) - [sum dL/df silu(b x)] / (1.1 b^2)
 
-The slope's sum is skipped in passes that do not reach b (the vector-Jacobian products
-dL/dx of the power series): three passes over the activation saved per call.
+Residual Flows' nets do not call this layer's forward: they fold b into the layers around
+each activation (``models.nets.resflow_nets.lipswish_chain``); the module holds beta.
 
 A backward that itself builds a graph (``create_graph``: the power-series log-det's
 vector-Jacobian products, differentiated again by the Neumann gradient) recomputes f from
@@ -37,18 +37,6 @@ def _lipswish_fused(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.silu(x * b, inplace=True).div_(1.1 * b)
 
 
-def _engine_needs_input_grad(ctx, i: int) -> bool:
-    """Whether this backward pass uses the gradient of input ``i``.  ``ctx.needs_input_grad``
-    is fixed when the graph is built; a pass that asks for some inputs' gradients only
-    (``torch.autograd.grad(g, x, w)``: the power series' vector-Jacobian products want dL/dx,
-    not the slope's) skips the nodes behind the others, and then their gradient is not
-    computed at all."""
-    if not ctx.needs_input_grad[i]:
-        return False
-    node = ctx.next_functions[i][0]
-    return node is None or torch._C._will_engine_execute_node(node)
-
-
 class _LipSwishFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, b):
@@ -64,7 +52,7 @@ class _LipSwishFn(torch.autograd.Function):
         u = x * b
         gu = torch.ops.aten.silu_backward(grad, u)  # dL/df * silu'(b x)
         grad_b = None
-        if _engine_needs_input_grad(ctx, 1):
+        if ctx.needs_input_grad[1]:
             s_x = torch.dot(x.reshape(-1), gu.reshape(-1))
             s_f = torch.dot(grad.reshape(-1), F.silu(u, inplace=True).reshape(-1))
             grad_b = (s_x / (1.1 * b) - s_f / (1.1 * b * b)).reshape(b.shape)

@@ -16,8 +16,9 @@ grad -> grad silu'(u) is needed, i.e.
 Autograd's silu, asked for a first derivative that can be differentiated, builds it from
 six elementwise operations and differentiates those one by one: eighteen passes over the
 activation (memory-bound, over the largest tensors of a Residual Flow step) for the first
-and second orders together; these functions make eight (one silu_backward, then seven).  A third derivative (a graph built through
-the second) differentiates the formula for silu' with autograd, so every order is right.
+and second orders together; these functions make eight (one silu_backward, then seven).
+A third derivative (a graph built through the second) differentiates the formula for
+silu' with autograd, so every order is right.
 Both functions keep what autograd's silu keeps: u, and for the second order grad and u.
 """
 from __future__ import annotations

@@ -110,10 +110,12 @@ class InvertibleResidualBlock(Transform):
     # estimators differentiate g's vector-Jacobian products again (the Neumann surrogate's
     # ``create_graph``, the memory-efficient backward-in-forward, backprop through the series),
     # and AOTAutograd's compiled graphs support no double backward.  The layers around the
-    # blocks (ActNorm, squeezes, the logit transform, the prior) are still compiled.
+    # blocks (ActNorm, squeezes, the logit transform, the prior) are still compiled.  forward_aux
+    # is disabled too: else Dynamo resumes in the shared Transform.forward_aux frame after every
+    # block, guarding on the block's type, and past its recompile limit the layers after run eagerly.
     @torch.compiler.disable
-    def forward_aux(self, x, context=None):  # (disabled too: else Dynamo resumes in this frame after
-        return super().forward_aux(x, context)  # every block, recompiling it per block past its limit)
+    def forward_aux(self, x, context=None):
+        return super().forward_aux(x, context)
 
     @torch.compiler.disable
     def forward(self, x, context=None):
