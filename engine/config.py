@@ -36,6 +36,7 @@ from engine.config_migrations import upgrade
 from engine.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
 from models.architectures import ARCHITECTURES, architecture, dequantizer_ranges, dequantizer_section
 from models.core.activation_memory import MODES as ACTIVATION_MEMORY_MODES
+from models.core.memory_format import MEMORY_FORMATS
 
 DEFAULTS = {
     "data": {
@@ -77,6 +78,7 @@ DEFAULTS = {
         "mixed_precision": "no", # no | bf16 (log-dets, priors, bpd stay float32)
         "compile": "none",       # none | default | max-autotune-no-cudagraphs: torch.compile of the model's forward (engine/compile.py)
         "compile_backend": "inductor",  # inductor | aot_eager | eager (Dynamo only: graph breaks, CPU tests)
+        "memory_format": "contiguous",  # contiguous | channels_last: the conditioner networks' layout (models.core.memory_format)
         "activation_memory": "store",  # what the backward keeps (models.core.activation_memory): store
                                  # (plain autograd) | checkpoint (each top-level layer recomputed) |
                                  # invertible (inputs rebuilt by the layers' own inverses; others checkpointed)
@@ -132,6 +134,7 @@ CHOICES = {
     ("train", "compile"): COMPILE_MODES,
     ("train", "compile_backend"): COMPILE_BACKENDS,
     ("train", "activation_memory"): ACTIVATION_MEMORY_MODES,
+    ("train", "memory_format"): MEMORY_FORMATS,
 }
 
 

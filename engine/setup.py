@@ -11,6 +11,7 @@ from common.errors import FlowlabError
 from engine.objectives import Objective, build_objective
 from engine.sections import RunConfig
 from models.architectures import build_model
+from models.core.memory_format import set_memory_format
 
 
 def load_data(cfg: RunConfig | dict):
@@ -30,11 +31,14 @@ def load_data(cfg: RunConfig | dict):
 
 
 def make_model(cfg: RunConfig | dict, data_shape, num_bits: int):
+    """The model of ``cfg.model``, its conditioner networks in ``train.memory_format``."""
     cfg = RunConfig.of(cfg)
     try:
-        return build_model(cfg.model, data_shape, num_bits, cfg.dequantizer)
+        model = build_model(cfg.model, data_shape, num_bits, cfg.dequantizer)
     except ValueError as e:
         raise FlowlabError(f"cannot build model '{cfg.model['name']}' for data of shape {tuple(data_shape)}: {e}") from None
+    set_memory_format(model, cfg.train.memory_format)
+    return model
 
 
 def make_optimizer(cfg: RunConfig | dict, params) -> torch.optim.Optimizer:

@@ -286,3 +286,45 @@ def test_a_few_training_steps_lower_bpd_on_the_subset(tmp_path):
     for name in ("kinetic_energy", "jacobian_norm2"):  # the trainer logs the weighted regularisers
         logged = read_metric(out, f"train/aux/{name}")
         assert set(logged) == {5, 10, 15} and all(0 < v < 1e3 for v in logged.values()), (name, logged)
+
+
+@pytest.mark.parametrize("conv", [True, False])
+def test_concat_layer_equals_the_layer_on_the_concatenation(float64, conv):
+    """ConcatLayer computes W_x x + b + t (W_t 1) without building [t, x]: the same values, and the
+    same gradients for x, t and the weights, borders included (zero padding: fewer taps there)."""
+    from models.nets.ode_nets import ConcatLayer
+    torch.manual_seed(0)
+    layer = ConcatLayer(5, 7, conv)
+    x = (torch.randn(3, 5, 6, 4) if conv else torch.randn(3, 5)).requires_grad_()
+    t = torch.tensor(0.37, requires_grad=True)
+    y = layer(t, x)
+    ref = layer.layer(torch.cat([torch.ones_like(x[:, :1]) * t, x], dim=1))
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, t, layer.layer.weight, layer.layer.bias), g)
+    ref_grads = torch.autograd.grad(ref, (x, t, layer.layer.weight, layer.layer.bias), g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_the_ode_net_runs_in_float32_under_bf16_autocast():
+    """Every evaluation of f runs with autocast off: under bf16 the solver takes the steps it takes in float32."""
+    torch.manual_seed(0)
+    model = tiny_ffjord().eval()
+    x = torch.randint(0, 256, (2, 3, 8, 8)).float()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        full = model.log_prob(x)
+        nfe = [dict(m.nfe()) for m in model.modules() if isinstance(m, CNF)]
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model.log_prob(x)
+        assert [dict(m.nfe()) for m in model.modules() if isinstance(m, CNF)] == nfe
+    torch.testing.assert_close(half, full, rtol=0, atol=1e-4)
+
+
+def test_only_a_solve_imports_torchdiffeq():
+    """torchdiffeq imports scipy (~40 MB resident): config checks, the trainer and the other families must not pay it."""
+    code = ("import sys; import engine.config, engine.trainer, engine.run, models.architectures.ffjord; "
+            "assert 'torchdiffeq' not in sys.modules and 'scipy' not in sys.modules, sorted(sys.modules)")
+    run_command([sys.executable, "-c", code])

@@ -114,6 +114,7 @@ class FlowppBlock(nn.Module):
 class FlowppCouplingNet(nn.Module):
     """``in_channels`` -> ``out_channels`` on (H, W) = ``spatial_shape`` inputs (the positional
     embedding is learned per position, so the shape is fixed)."""
+    channels_last_net = True  # train.memory_format=channels_last runs it NHWC (models.core.memory_format)
 
     def __init__(self, in_channels: int, out_channels: int, spatial_shape: tuple[int, int], filters: int = 96,
                  blocks: int = 10, heads: int = 4, dropout: float = 0.0, context_channels: int = 0,
@@ -134,6 +135,7 @@ class FlowppCouplingNet(nn.Module):
 class DequantContextNet(nn.Module):
     """Context of Flow++'s dequantizer, on x scaled to [-0.5, 0.5): output (channels, H, W/2),
     the shape of one checkerboard half."""
+    channels_last_net = True  # train.memory_format=channels_last runs it NHWC (models.core.memory_format)
 
     def __init__(self, in_channels: int, channels: int = 32, blocks: int = 3, dropout: float = 0.0):
         super().__init__()

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchdiffeq import odeint, odeint_adjoint
 
 from models.core.transform import Transform
 from models.transforms.continuous.dynamics import AugmentedDynamics
@@ -104,6 +103,10 @@ class CNF(Transform):
         return self.trace_train if self.training else self.trace_eval
 
     def _solve(self, func, states: tuple[torch.Tensor, ...], times: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # imported here: torchdiffeq imports scipy (~40 MB of resident memory), which no other
+        # family needs, and every config check imports every family
+        from torchdiffeq import odeint, odeint_adjoint
+
         s = self.train_solver if self.training else self.test_solver
         kwargs = {"rtol": s.rtol, "atol": s.atol, "method": s.method, "options": s.options()}
         if self.adjoint and torch.is_grad_enabled():
