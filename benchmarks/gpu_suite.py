@@ -7,6 +7,7 @@ step and the warm-up never timed (``benchmarks/throughput.py: measure``).
     python benchmarks/gpu_suite.py --quick               # tiny configs on the CPU: that the suite runs
     python benchmarks/gpu_suite.py --explain             # graph breaks per family (tiny configs, CPU)
     python benchmarks/gpu_suite.py --configs glow_cifar10 resflow_cifar10 --modes fp32 bf16 --steps 5
+    python benchmarks/gpu_suite.py --modes bf16 bf16+channels_last   # NHWC conditioners (train.memory_format)
 
 Per-GPU batch: the config's ``train.batch_size`` (the global batch) divided by the GPUs of the
 paper's run where the paper states it (``PAPER_GPUS``, from ../shared/papers.md: Glow 64 per
@@ -42,7 +43,10 @@ PAPER_CONFIGS = ["glow_cifar10", "flowpp_cifar10", "realnvp_cifar10", "idf_cifar
                  "resflow_cifar10", "iresnet_cifar10", "ffjord_cifar10", "rnode_cifar10"]
 PAPER_GPUS = {"glow_cifar10": 8, "flowpp_cifar10": 8}  # global batch 512 = 64 x 8; 64 = 8 x 8
 MODES = {"fp32": ["train.mixed_precision='no'"], "bf16": ["train.mixed_precision=bf16"],
-         "bf16+compile": ["train.mixed_precision=bf16", "train.compile=default"]}
+         "bf16+compile": ["train.mixed_precision=bf16", "train.compile=default"],
+         # NHWC conditioners (models/core/memory_format.py): cuDNN's tensor-core kernels want NHWC; not in the default set
+         "bf16+channels_last": ["train.mixed_precision=bf16", "train.memory_format=channels_last"]}
+DEFAULT_MODES = ["fp32", "bf16", "bf16+compile"]  # the 5-minute suite
 QUICK_FAMILIES = ["glow", "idf"]  # --quick: tiny configs of tests/test_contract.py on 3x8x8 images
 COLUMNS = ["family", "config", "params", "batch", "mode", "img/s", "peak GB", "sample 16 (s)", "compile (s)"]
 
@@ -164,7 +168,7 @@ def main():
     parser.add_argument("--families", nargs="+", default=QUICK_FAMILIES, help="--quick: the tiny families to run")
     parser.add_argument("--explain", action="store_true", help="print the graph breaks per family and exit")
     parser.add_argument("--configs", nargs="+", default=PAPER_CONFIGS, help="experiments/<name>.yaml")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES))
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (default 1)")
     parser.add_argument("--sample-n", type=int, default=16)

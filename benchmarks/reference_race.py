@@ -6,6 +6,7 @@ other, each for the same S seconds from scratch; then test bits/dim on the same 
     python benchmarks/reference_race.py --refbench ../shared/refbench --refs $REFS          # all five, 120 s each
     python benchmarks/reference_race.py --families flowpp idf --budget 120 --refs $REFS
     python benchmarks/reference_race.py --families idf --budget 5 --refs $REFS              # that it runs end to end
+    python benchmarks/reference_race.py --families glow idf --bf16 --refs $REFS             # + both recipes in bf16
     (--npz: the data of both sides, default $CIFAR_NPZ else REFBENCH/../data/cifar10_subset.npz;
      --threads 2 (OMP/MKL threads and the harness's --threads); --out runs/reference_race)
 
@@ -132,9 +133,13 @@ def common_overrides(family: str, npz: str, budget: float) -> list[str]:
             *FAMILIES[family]["arch"]]
 
 
-def recipes(family: str) -> dict[str, list[str]]:
-    """Run name suffix -> the overrides on top of the common ones."""
-    return {"ref_recipe": FAMILIES[family]["ref_recipe"], "our_recipe": []}
+def recipes(family: str, bf16: bool = False) -> dict[str, list[str]]:
+    """Run name suffix -> the overrides on top of the common ones; with ``bf16`` also both recipes
+    under ``train.mixed_precision=bf16`` (whether bf16 learns as much per second as float32)."""
+    runs = {"ref_recipe": FAMILIES[family]["ref_recipe"], "our_recipe": []}
+    if bf16:
+        runs.update({f"{name}_bf16": [*overrides, "train.mixed_precision=bf16"] for name, overrides in list(runs.items())})
+    return runs
 
 
 def run_reference(family: str, args, env: dict) -> tuple[dict | None, str | None]:
@@ -162,7 +167,7 @@ def run_ours(family: str, recipe: str, args, env: dict) -> tuple[dict | None, st
     """Ours at the reference's architecture with one recipe, trained then evaluated."""
     fam, name = FAMILIES[family], f"{family}_{recipe}"
     out = os.path.join(args.out, name)
-    overrides = [*common_overrides(family, args.npz, args.budget), *recipes(family)[recipe]]
+    overrides = [*common_overrides(family, args.npz, args.budget), *recipes(family, args.bf16)[recipe]]
     print(f"ours {name}: train.py {fam['config']} --out {out} {' '.join(overrides)}", flush=True)
     code, seconds = train_fresh(fam["config"], out, overrides, env, os.path.join(args.out, f"{name}.log"))
     print(f"  exit {code} after {seconds:.0f} s", flush=True)
@@ -198,6 +203,7 @@ def parse_args():
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of every run")
     parser.add_argument("--python", default=sys.executable, help="python of the harnesses (needs `six` for FFJORD)")
     parser.add_argument("--out", default="runs/reference_race")
+    parser.add_argument("--bf16", action="store_true", help="also both of our recipes with train.mixed_precision=bf16")
     args = parser.parse_args()
     if args.budget <= 0 or args.threads < 1:
         raise FlowlabError("--budget must be > 0 and --threads >= 1")
@@ -227,7 +233,7 @@ def main():
             print(f"note: the reference {family} has {r['params']:,} parameters, PARAMS says "
                   f"{PARAMS[family]['reference']:,}", flush=True)
         results.append((family, "reference", r, err))
-        for recipe in recipes(family):
+        for recipe in recipes(family, args.bf16):
             results.append((family, recipe, *run_ours(family, recipe, args, env)))
     print(f"\n{args.budget:g} s of training each from scratch, one run after the other, batch 64, "
           f"{args.threads} threads, data {args.npz}\n")

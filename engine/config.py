@@ -197,7 +197,10 @@ def _check_value(key: str, value, default):
     else:
         ok = isinstance(value, type(default))
     if not ok:
-        raise FlowlabError(f"config key '{key}' expects {type(default).__name__}, got {value!r}")
+        hint = ""
+        if isinstance(default, str) and isinstance(value, bool):  # YAML 1.1: no/yes/off/on/false/true
+            hint = f" (YAML reads unquoted no, yes, off and on as booleans: quote the word, e.g. {key}='no')"
+        raise FlowlabError(f"config key '{key}' expects {type(default).__name__}, got {value!r}{hint}")
     return value
 
 

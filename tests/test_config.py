@@ -103,3 +103,11 @@ def test_print_config_prints_the_resolved_config_and_trains_nothing(tmp_path):
     assert printed["model"]["hidden_channels"] == 108 and printed["train"]["steps"] == 7 and "base" not in printed
     assert resolve(printed) == printed  # the output is itself a complete config
     assert not out.exists()
+
+
+def test_an_unquoted_yaml_boolean_for_a_word_key_says_to_quote_it():
+    """``train.mixed_precision=no`` reaches the config as False (YAML 1.1): one error line that says why."""
+    with pytest.raises(FlowlabError, match=r"expects str, got False \(YAML reads unquoted no.*train.mixed_precision='no'\)"):
+        load_config(os.path.join(EXPERIMENTS, "glow_small.yaml"), ["train.mixed_precision=no"])
+    cfg = load_config(os.path.join(EXPERIMENTS, "glow_small.yaml"), ["train.mixed_precision='no'"])
+    assert cfg["train"]["mixed_precision"] == "no"

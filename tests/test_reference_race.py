@@ -87,3 +87,10 @@ def test_missing_references_are_one_line_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["reference_race.py", "--refbench", str(tmp_path / "none")])
     with pytest.raises(FlowlabError, match="no refbench harnesses"):
         race.parse_args()
+
+
+def test_bf16_adds_both_recipes_in_bf16_and_nothing_else():
+    plain, both = race.recipes("glow"), race.recipes("glow", bf16=True)
+    assert set(both) == {*plain, "ref_recipe_bf16", "our_recipe_bf16"}
+    for name, overrides in plain.items():
+        assert both[name] == overrides and both[f"{name}_bf16"] == [*overrides, "train.mixed_precision=bf16"]
