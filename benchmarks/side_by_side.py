@@ -12,7 +12,7 @@ each of our runs repeated in every ``--modes`` entry: ``fp32`` (the config as it
 log-dets and bits/dim in float32) and ``channels_last`` (``train.memory_format=channels_last``).
 Per round, each family's reference runs first, then ours in every mode, one process after the other
 (``OMP_NUM_THREADS`` = ``--threads``); ratios are against the reference of the same round and the
-table gives medians over ``--rounds``.  Sampling is timed in float32 in every mode (``model.sample``).
+table gives medians over ``--rounds``.  Sampling is timed in the mode's precision (``model.sample``, as sample.py).
 JSON lines go to ``OUT/side_by_side.jsonl``; the table is printed at the end.
 """
 from __future__ import annotations

@@ -15,7 +15,8 @@ autotuning): first_step_seconds, and compile_seconds = first step - median step 
 train.compile is on (0 otherwise; "compile_fallback" says why a family ran eagerly).
 sec_per_step is the median over --steps timed steps after --warmup further untimed ones;
 train_img_per_s = batch_size / sec_per_step.
-sample_seconds times one model.sample(N, temperature=1.0) under no_grad.
+sample_seconds times one model.sample(N, temperature=1.0) under no_grad, in the run's precision
+(bf16 autocast under train.mixed_precision=bf16, as the trainer's sample grids and sample.py).
 "diagnostics": the model's ``diagnostics()`` hook after the last timed step (e.g. a CNF's
 forward/backward NFE of that step), when the model has one.
 Data: the config's data set when it loads, otherwise (a FlowlabError, e.g. CIFAR-10
@@ -94,7 +95,7 @@ def measure(cfg: RunConfig, data: ImageDataset, steps: int, warmup: int, sample_
         torch.manual_seed(cfg.train.seed)
         sync(device)
         start = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), trainer.acc.autocast():  # the run's precision, as its sample grids
             model.sample(sample_n, temperature=1.0)
         sync(device)
         sample_seconds = time.perf_counter() - start

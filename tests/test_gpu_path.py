@@ -32,7 +32,7 @@ from engine.compile import compile_fallback, compile_forward, is_compiled, uncom
 from engine.metrics import bits_per_dim
 from engine.objectives import BitsPerDim
 from engine.trainer import Trainer
-from tests.helpers import ROOT, random_images, resolve_overrides
+from tests.helpers import ROOT, SUBSET, random_images, resolve_overrides, run_command
 from tests.test_contract import DATA_SHAPE, TINY, tiny_model
 
 
@@ -191,6 +191,39 @@ def test_bf16_autocast_bits_per_dim_within_0_01_of_float32(family):
             half = bits_per_dimension(model, data, x)
     assert half.dtype == torch.float32 and bool(torch.isfinite(half))
     assert abs(float(half - full)) <= 0.01, (family, float(full), float(half))
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one state per process (its mixed precision among it): reset it around the test."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_sample_grids_are_drawn_in_the_runs_precision(tmp_path, precision, monkeypatch, fresh_accelerate_state):
+    """The trainer's sample grids (and benchmarks/throughput.py's timing) sample under the run's
+    autocast: bf16 conditioners for a bf16 run, float32 otherwise."""
+    trainer = make_trainer(tmp_path, extra=[f"train.mixed_precision={precision!r}"])
+    seen = []
+    sample = trainer.model.sample
+    monkeypatch.setattr(trainer.model, "sample", lambda *a, **k: seen.append(torch.is_autocast_enabled("cpu")) or sample(*a, **k))
+    trainer.save_samples()
+    assert seen and set(seen) == {precision == "bf16"}
+
+
+def test_sample_py_samples_in_the_runs_precision_unless_told(tmp_path):
+    out = tmp_path / "run"
+    run_command([sys.executable, "train.py", os.path.join(ROOT, "experiments", "glow_small.yaml"), "--out", str(out),
+                 f"data.path={SUBSET}", "data.name=npz", "model.levels=2", "model.steps=1", "model.hidden_channels=8",
+                 "train.steps=2", "train.batch_size=4", "train.init_batch_size=8", "train.eval_every=0",
+                 "train.sample_every=0", "eval.max_examples=8", "train.mixed_precision=bf16"])
+    for flags, said in [([], "bf16 autocast"), (["--precision", "fp32"], "float32")]:
+        proc = run_command([sys.executable, "sample.py", str(out), "--n", "2", "--out", str(tmp_path / "g.png"), *flags])
+        assert f", {said}); non-finite pixels: 0" in proc.stdout, proc.stdout
 
 
 # ---- no host synchronisation in the step ------------------------------------------------------
