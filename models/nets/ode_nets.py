@@ -47,7 +47,10 @@ class ConcatLayer(nn.Module):
         if isinstance(self.layer, nn.Conv2d):
             ones = torch.ones((1, 1, *x.shape[2:]), device=x.device, dtype=x.dtype)
             time_map = F.conv2d(ones, weight[:, :1], padding=self.layer.padding)  # W_t 1: (1, C_out, H, W)
-            return F.conv2d(x, weight[:, 1:], bias, padding=self.layer.padding) + t * time_map
+            y = F.conv2d(x, weight[:, 1:], bias, padding=self.layer.padding)
+            if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous():
+                time_map = time_map.contiguous(memory_format=torch.channels_last)  # one layout for the add
+            return y + t * time_map
         return F.linear(x, weight[:, 1:], bias) + t * weight[:, 0]
 
 
