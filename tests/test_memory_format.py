@@ -6,7 +6,8 @@
 * derivatives of every order cross the boundary: FFJORD's Hutchinson trace (a double backward)
   and a Residual Flow's power series give the same gradients;
 * switching back to ``contiguous`` removes every hook; the key is validated; the trainer and the
-  runs loaded for evaluation and sampling build their model in the configured format.
+  runs loaded for evaluation and sampling build their model in the configured format;
+* it composes with ``train.activation_memory=invertible`` and with ``train.compile`` (AOTAutograd).
 """
 from __future__ import annotations
 
@@ -111,3 +112,37 @@ def test_the_key_is_validated_and_every_built_model_uses_it(tmp_path):
     trainer = Trainer(cfg, str(tmp_path), data=ImageDataset(x, x[:4], 8, "npz", "random test images"), tensorboard=False)
     assert hooked(trainer.model) == hooked(model)
     assert bool(trainer.device_step(0)[1])  # a finite step
+
+
+def _glow_grads(memory_format: str, activation_memory: str = "store", compiled: bool = False):
+    from engine.compile import compile_forward, compile_fallback, uncompile
+    from models.core.activation_memory import set_activation_memory
+
+    cfg = resolve_overrides(["model.name=glow", *TINY["glow"]])
+    torch.manual_seed(0)
+    model = build_flow(cfg, DATA_SHAPE, perturb=0.05)
+    x = random_images(4, DATA_SHAPE, 8, generator=torch.Generator().manual_seed(1))
+    model.data_init(x)
+    set_memory_format(model, memory_format)
+    set_activation_memory(model, activation_memory)
+    if compiled:
+        assert compile_forward(model, "default", "aot_eager", log=lambda line: None)
+    try:
+        torch.manual_seed(3)
+        loss, _, _ = training_loss(model, x)
+        loss.backward()
+        if compiled:
+            assert compile_fallback(model) is None
+    finally:
+        if compiled:
+            uncompile(model)
+    return loss.detach(), [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("how", [{"activation_memory": "invertible"}, {"compiled": True}])
+def test_channels_last_composes_with_invertible_backprop_and_compile(how):
+    loss0, grads0 = _glow_grads("contiguous")
+    loss, grads = _glow_grads("channels_last", **how)
+    torch.testing.assert_close(loss, loss0, rtol=1e-6, atol=1e-6)
+    for g, g0 in zip(grads, grads0):
+        torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-6)
