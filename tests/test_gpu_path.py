@@ -367,3 +367,12 @@ def test_gpu_suite_quick_prints_one_table():
     assert len(rows) == 2 and all(float(r[5]) > 0 for r in rows), proc.stdout
     assert {r[4].strip() for r in rows} == {"fp32", "bf16+compile"}
     assert all(float(r[8]) >= 0 for r in rows if r[4].strip() == "bf16+compile"), proc.stdout
+
+
+def test_bf16_bpd_prints_one_row_per_config_within_0_01():
+    proc = run_command([sys.executable, "benchmarks/bf16_bpd.py", "experiments/glow_small.yaml", "--steps", "1",
+                        "--batch", "4", "--eval-n", "4", "--set", "data.name=npz", "--set", f"data.path={SUBSET}",
+                        "--set", "model.levels=2", "--set", "model.steps=1", "--set", "model.hidden_channels=8"])
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| experiments/")]
+    assert len(rows) == 1 and rows[0][3].strip() == "1", proc.stdout
+    assert abs(float(rows[0][6])) <= 0.01 and float(rows[0][4]) > 0, proc.stdout
