@@ -272,8 +272,9 @@ class Trainer:
             return None
         os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
         stem = os.path.join(self.run_dir, "samples", f"step_{self.step:07d}")
+        # under the run's autocast: bf16 conditioners for a bf16 run, as its evaluation and sample.py
         with self._eval_model() as model, torch.random.fork_rng(devices=[]), self.acc.autocast():
-            torch.manual_seed(self.cfg.train.seed)  # autocast: the run's precision, as its evaluation
+            torch.manual_seed(self.cfg.train.seed)
             model.eval()
             out = self.objective.save_samples(model, self.data, self.cfg.sample, stem)
             model.train()

@@ -37,6 +37,7 @@ def dense_growths(total: int, depth: int) -> list[int]:
 
 class DenseNet(nn.Module):
     channels_last_net = True  # train.memory_format=channels_last runs it NHWC (models.core.memory_format)
+
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 512, depth: int = 12):
         super().__init__()
         layers, channels = [], in_channels

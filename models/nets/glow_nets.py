@@ -88,6 +88,7 @@ class ConvActNorm(nn.Module):
 
 class GlowCouplingNet(nn.Sequential):
     channels_last_net = True  # train.memory_format=channels_last runs it NHWC (models.core.memory_format)
+
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 512, edge_padding: bool = True):
         super().__init__(
             ConvActNorm(in_channels, hidden_channels, 3, edge_padding),

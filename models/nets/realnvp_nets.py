@@ -34,6 +34,7 @@ class ResidualBlock(nn.Module):
 
 class ResNetConditioner(nn.Module):
     channels_last_net = True  # train.memory_format=channels_last runs it NHWC (models.core.memory_format)
+
     def __init__(self, in_channels: int, out_channels: int, features: int = 64, num_blocks: int = 8,
                  weight_norm: bool = False):
         super().__init__()

@@ -89,6 +89,7 @@ def lipswish_chain(layers, x: torch.Tensor) -> torch.Tensor:
 
 class ConvResidualNet(nn.Sequential):
     channels_last_net = True  # train.memory_format=channels_last runs it NHWC (models.core.memory_format)
+
     def __init__(self, in_shape: tuple[int, int, int], hidden: int, kernels=(3, 1, 3), activation: str = "lipswish",
                  preact: bool = True, norms=None, **sn):
         norms = _norms(norms, len(kernels))
