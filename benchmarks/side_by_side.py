@@ -9,7 +9,9 @@ The runs of ``../shared/refbench/side_by_side.sh`` (the same harness commands an
 ``benchmarks/throughput.py`` runs of ours, paper configurations, batch 16, Flow++ also at 4), with
 each of our runs repeated in every ``--modes`` entry: ``fp32`` (the config as it is), ``bf16``
 (``train.mixed_precision=bf16``: autocast, conditioner networks in bf16, the invertible stream,
-log-dets and bits/dim in float32) and ``channels_last`` (``train.memory_format=channels_last``).
+log-dets and bits/dim in float32), ``channels_last`` (``train.memory_format=channels_last``) and
+``contiguous`` (``train.memory_format=contiguous``: the NCHW baseline of a config that sets channels_last,
+e.g. resflow_cifar10.yaml).
 Per round, each family's reference runs first, then ours in every mode, one process after the other
 (``OMP_NUM_THREADS`` = ``--threads``); ratios are against the reference of the same round and the
 table gives medians over ``--rounds``.  Sampling is timed in the mode's precision (``model.sample``, as sample.py).
@@ -30,7 +32,8 @@ from benchmarks.reference_race import FAMILIES
 from common.errors import FlowlabError
 from engine.cli import run_cli
 
-MODES = {"fp32": [], "bf16": ["train.mixed_precision=bf16"], "channels_last": ["train.memory_format=channels_last"]}
+MODES = {"fp32": [], "bf16": ["train.mixed_precision=bf16"], "channels_last": ["train.memory_format=channels_last"],
+         "contiguous": ["train.memory_format=contiguous"]}
 GLOW_REFERENCE_ARCH = ["model.permutation=conv1x1_lu", "model.edge_padding=false"]
 
 # family -> [(harness arguments, [(our config, our overrides, throughput.py arguments), ...]), ...]:
