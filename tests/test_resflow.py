@@ -305,6 +305,54 @@ def test_silu_first_and_second_derivatives_make_fewer_passes_than_autograds():
     assert counts[0] <= 8 < 12 <= counts[1], counts
 
 
+@pytest.mark.parametrize("kernel", [1, 3])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_conv2d_derivatives_of_every_order_match_autograds_conv(float64, kernel, layout):
+    import torch.nn.functional as F
+
+    from models.nets.conv2d import conv2d
+
+    pad = kernel // 2
+    x = torch.randn(2, 3, 5, 5).contiguous(memory_format=layout).requires_grad_()
+    w = torch.randn(4, 3, kernel, kernel).contiguous(memory_format=layout).requires_grad_()
+    b = torch.randn(4, requires_grad=True)
+    f = lambda x, w, b: conv2d(x, w, b, padding=pad)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, w, b)) and torch.autograd.gradgradcheck(f, (x, w, b))
+    v, v2, v3 = torch.randn(2, 4, 5, 5, requires_grad=True), torch.randn(2, 3, 5, 5), torch.randn(4, 3, kernel, kernel)
+    results = []
+    for conv in (f, lambda x, w, b: F.conv2d(x, w, b, padding=pad)):
+        gx, gw = torch.autograd.grad(conv(x, w, b), (x, w), v, create_graph=True)  # a vector-Jacobian product
+        second = torch.autograd.grad((gx * v2).sum() + (gw * gw * v3).sum(), (x, w, b, v), create_graph=True,
+                                     allow_unused=True)  # the Neumann gradient's order
+        third = torch.autograd.grad(sum((t ** 2).sum() for t in second if t is not None), (x, w, v))
+        results.append((gx, gw, *[t for t in second if t is not None], *third))
+    for a, c in zip(*results):
+        torch.testing.assert_close(a, c)
+
+
+def test_conv2d_vector_jacobian_product_skips_the_weight_gradient():
+    """autograd.grad(y, x, v, create_graph=True) (the power series' products) builds the input
+    gradient alone; a full backward builds both."""
+    from models.nets import conv2d as module
+
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    w, b = torch.randn(4, 3, 3, 3).requires_grad_(), torch.randn(4, requires_grad=True)
+    weight = w * 1.0  # a non-leaf weight, as the spectral norm's W / max(1, sigma / coeff)
+    y = module.conv2d(x, weight, b, padding=1)
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y), create_graph=True, retain_graph=True)
+    assert type(gx.grad_fn).__name__ == "_InputGradFnBackward"
+    built = []
+    original = module._WeightGradFn.forward
+    try:
+        module._WeightGradFn.forward = staticmethod(lambda ctx, *a: built.append(1) or original(ctx, *a))
+        torch.autograd.grad(y, x, torch.ones_like(y), create_graph=True, retain_graph=True)
+        assert built == []
+        torch.autograd.grad(y, (x, w), torch.ones_like(y), create_graph=True)
+        assert built == [1]
+    finally:
+        module._WeightGradFn.forward = original
+
+
 def test_the_eval_weight_cache_follows_the_weight():
     conv = SpectralNormConv2d(2, 3, 3, (2, 4, 4), coeff=0.5)
     conv.power_iteration()

@@ -61,6 +61,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.nets.conv2d import conv2d
+
 
 def _conjugate(r: float) -> float:
     """r* with 1/r + 1/r* = 1 (1 and inf are each other's conjugate)."""
@@ -286,7 +288,7 @@ class SpectralNormConv2d(SpectralNormBase):
         return out.reshape(-1)
 
     def affine(self, x, weight, bias):
-        return F.conv2d(x, weight, bias, padding=self.padding)
+        return conv2d(x, weight, bias, padding=self.padding)  # closed-form second derivatives (conv2d.py)
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, in_hw={self.spatial}, "

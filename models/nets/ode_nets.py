@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.nets.conv2d import conv2d
+
 LAYER_TYPES = ("concat", "concatsquash")
 NONLINEARITIES = {"softplus": nn.Softplus, "tanh": nn.Tanh, "elu": nn.ELU, "relu": nn.ReLU}
 
@@ -47,7 +49,7 @@ class ConcatLayer(nn.Module):
         if isinstance(self.layer, nn.Conv2d):
             ones = torch.ones((1, 1, *x.shape[2:]), device=x.device, dtype=x.dtype)
             time_map = F.conv2d(ones, weight[:, :1], padding=self.layer.padding)  # W_t 1: (1, C_out, H, W)
-            y = F.conv2d(x, weight[:, 1:], bias, padding=self.layer.padding)
+            y = conv2d(x, weight[:, 1:], bias, padding=self.layer.padding[0])  # closed-form 2nd derivatives
             if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous():
                 time_map = time_map.contiguous(memory_format=torch.channels_last)  # one layout for the add
             return y + t * time_map
