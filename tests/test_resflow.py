@@ -330,6 +330,24 @@ def test_conv2d_derivatives_of_every_order_match_autograds_conv(float64, kernel,
         torch.testing.assert_close(a, c)
 
 
+def test_conv2d_under_autocast_is_plain_conv2d():
+    """Under bf16 autocast the closed-form functions would meet bf16 gradients against float32
+    saved inputs: conv2d is F.conv2d there, forward and backward."""
+    import torch.nn.functional as F
+
+    from models.nets.conv2d import conv2d
+
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    w, b = torch.randn(4, 3, 3, 3, requires_grad=True), torch.randn(4, requires_grad=True)
+    out = []
+    for conv in (conv2d, F.conv2d):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(x, w, b, padding=1)
+        out.append((y, *torch.autograd.grad(y.float().square().sum(), (x, w, b))))
+    for a, c in zip(*out):
+        torch.testing.assert_close(a, c)
+
+
 def test_conv2d_vector_jacobian_product_skips_the_weight_gradient():
     """autograd.grad(y, x, v, create_graph=True) (the power series' products) builds the input
     gradient alone; a full backward builds both."""

@@ -29,6 +29,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from models.nets.formula_grad import differentiate
+
 _conv_backward = torch.ops.aten.convolution_backward
 
 
@@ -94,11 +96,7 @@ class _InputGradFn(torch.autograd.Function):
         p = ctx.padding
         need_go, _, need_w = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # a third order: differentiate the formula with autograd
-            wanted = [t for t in (grad_out, weight) if t.requires_grad]
-            with torch.enable_grad():
-                gi = F.conv_transpose2d(grad_out, weight, padding=p)
-                found = iter(torch.autograd.grad(gi, wanted, ggi, create_graph=True))
-            d_go, d_w = (next(found) if t.requires_grad else None for t in (grad_out, weight))
+            d_go, d_w = differentiate(lambda go, w: F.conv_transpose2d(go, w, padding=p), (grad_out, weight), ggi)
             return d_go, None, d_w, None
         d_go = F.conv2d(ggi, weight, padding=p) if need_go else None
         d_w = _grads(grad_out, ggi, weight, p, [False, True])[1] if need_w else None
@@ -120,12 +118,10 @@ class _WeightGradFn(torch.autograd.Function):
         p = ctx.padding
         need_go, need_x = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # a third order: differentiate the formula with autograd
-            wanted = [t for t in (grad_out, x) if t.requires_grad]
-            with torch.enable_grad():
+            def weight_grad(go, inp):  # x (*) gO as a differentiable function of gO and x
                 w = weight.detach().requires_grad_(True)
-                gw, = torch.autograd.grad(F.conv2d(x, w, padding=p), w, grad_out, create_graph=True)
-                found = iter(torch.autograd.grad(gw, wanted, ggw, create_graph=True))
-            d_go, d_x = (next(found) if t.requires_grad else None for t in (grad_out, x))
+                return torch.autograd.grad(F.conv2d(inp, w, padding=p), w, go, create_graph=True)[0]
+            d_go, d_x = differentiate(weight_grad, (grad_out, x), ggw)
             return d_go, d_x, None, None
         d_go = F.conv2d(x, ggw, padding=p) if need_go else None
         d_x = _grads(grad_out, x, ggw, p, [True, False])[0] if need_x else None
@@ -134,5 +130,8 @@ class _WeightGradFn(torch.autograd.Function):
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, padding: int = 0) -> torch.Tensor:
     """F.conv2d(x, weight, bias, padding=padding) (stride 1, no dilation, one group), with the
-    closed-form second derivatives of the module docstring."""
+    closed-form second derivatives of the module docstring.  Under autocast it is plain
+    F.conv2d: its backward would meet the autocast dtype (callers here run with autocast off)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return F.conv2d(x, weight, bias, padding=padding)
     return _Conv2dFn.apply(x, weight, bias, padding)

@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from models.nets.formula_grad import differentiate
+
 _silu_backward = torch.ops.aten.silu_backward
 
 
@@ -43,6 +45,12 @@ class _SiluFn(torch.autograd.Function):
         return _silu_backward(grad, u)
 
 
+def _first_derivative(grad, u):
+    """grad silu'(u) = grad s (1 + u (1 - s)) with differentiable operations."""
+    s = torch.sigmoid(u)
+    return grad * s * (1 + u * (1 - s))
+
+
 class _SiluGradFn(torch.autograd.Function):
     """(grad, u) -> grad silu'(u), with the closed-form backward of the module docstring."""
 
@@ -55,12 +63,7 @@ class _SiluGradFn(torch.autograd.Function):
     def backward(ctx, gg):
         grad, u = ctx.saved_tensors
         if torch.is_grad_enabled():  # a third order: differentiate the formula with autograd
-            wanted = [t for t in (grad, u) if t.requires_grad]
-            with torch.enable_grad():
-                s = torch.sigmoid(u)
-                first = grad * s * (1 + u * (1 - s))
-                found = iter(torch.autograd.grad(first, wanted, gg, create_graph=True))
-            return tuple(next(found) if t.requires_grad else None for t in (grad, u))
+            return differentiate(_first_derivative, (grad, u), gg)
         d_grad = _silu_backward(gg, u) if ctx.needs_input_grad[0] else None
         d_u = None
         if ctx.needs_input_grad[1]:
