@@ -328,3 +328,23 @@ def test_only_a_solve_imports_torchdiffeq():
     code = ("import sys; import engine.config, engine.trainer, engine.run, models.architectures.ffjord; "
             "assert 'torchdiffeq' not in sys.modules and 'scipy' not in sys.modules, sorted(sys.modules)")
     run_command([sys.executable, "-c", code])
+
+
+def test_the_adjoint_forward_solve_computes_no_weight_gradients(monkeypatch):
+    """The adjoint's forward solve (and eval) differentiates f only w.r.t. z for the trace: the
+    convolutions' weight gradients are never computed there, only in the backward solve."""
+    from models.nets import conv2d as module
+
+    masks = []
+    original = module._grads
+    monkeypatch.setattr(module, "_grads", lambda go, x, w, p, mask: masks.append(tuple(mask)) or original(go, x, w, p, mask))
+    torch.manual_seed(0)
+    model = tiny_ffjord(hidden_channels=[4, 4]).train()
+    x = images(2)
+    with torch.no_grad():
+        model.log_prob(x)
+    assert masks and all(mask == (True, False) for mask in masks)
+    masks.clear()
+    model.log_prob(x).sum().backward()  # the backward solve: both gradients
+    assert (False, True) in masks or (True, True) in masks
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
