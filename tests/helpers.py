@@ -8,6 +8,11 @@ equal to the log-determinant of the autograd Jacobian on small inputs"):
                                             merge(*split(x)) == x     (factor-out layers)
     assert_ldj_matches_jacobian(t, x)       forward's ldj == log|det dz/dx| per example
 
+a count for closed-form derivatives (``models/nets/silu.py``, ``softplus.py``):
+
+    count_second_order_passes(f, u)         passes over u's size in f's first derivative (with a
+                                            graph) and its second
+
 plus a whole-model check that training reaches every parameter:
 
     assert_all_parameters_get_gradient(model, loss)
@@ -190,6 +195,30 @@ def assert_ldj_matches_jacobian(transform: Transform, x: torch.Tensor, atol: flo
     assert bool((err <= tol).all()), (
         f"{type(transform).__name__}: ldj {ldj.tolist()} != autograd log|det J| {expected.tolist()} "
         f"(max error {err.max().item():.3e})")
+
+
+def count_second_order_passes(f: Callable[[torch.Tensor], torch.Tensor], u: torch.Tensor) -> int:
+    """Operations with an output of u's size (passes over the activation) that the first derivative
+    of f at u (with a graph) and then its second derivative run."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountPasses(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.passes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.passes += isinstance(out, torch.Tensor) and out.numel() == u.numel() and func.overloadpacket not in (
+                torch.ops.aten.detach, torch.ops.aten.view, torch.ops.aten.alias)
+            return out
+
+    u, w = u.detach().requires_grad_(True), torch.randn_like(u)
+    y = f(u)
+    with CountPasses() as mode:
+        (d1,) = torch.autograd.grad(y, u, w, create_graph=True)
+        torch.autograd.grad(d1.sum(), u)
+    return mode.passes
 
 
 def assert_all_parameters_get_gradient(model: nn.Module, loss: torch.Tensor) -> None:

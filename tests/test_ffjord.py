@@ -18,7 +18,7 @@ from models.architectures import build_model, ffjord
 from models.nets.ode_nets import ODENet
 from models.transforms.continuous.cnf import CNF, SolverSettings
 from models.transforms.continuous.trace import exact_trace, hutchinson_trace, sample_noise
-from tests.helpers import ROOT, SUBSET, assert_invertible, read_metric, run_command
+from tests.helpers import ROOT, SUBSET, assert_invertible, count_second_order_passes, read_metric, run_command
 
 TIGHT = SolverSettings("dopri5", atol=1e-10, rtol=1e-10)
 
@@ -348,3 +348,29 @@ def test_the_adjoint_forward_solve_computes_no_weight_gradients(monkeypatch):
     model.log_prob(x).sum().backward()  # the backward solve: both gradients
     assert (False, True) in masks or (True, True) in masks
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_softplus_derivatives_of_every_order_match_torchs_softplus(float64):
+    """Including the region above torch's threshold (u > 20: softplus(u) = u, softplus'(u) = 1)."""
+    from models.nets.softplus import softplus
+
+    u = torch.cat([torch.randn(12) * 4, torch.tensor([19.5, 20.5, 25.0, -30.0])]).reshape(4, 4).requires_grad_()
+    assert torch.autograd.gradcheck(softplus, (u,)) and torch.autograd.gradgradcheck(softplus, (u,))
+    w, w2, w3 = torch.randn_like(u), torch.randn_like(u), torch.randn_like(u)
+    results = []
+    for f in (softplus, torch.nn.functional.softplus):
+        y = f(u)
+        (d1,) = torch.autograd.grad((y * w).sum(), u, create_graph=True)
+        (d2,) = torch.autograd.grad((d1 * w2).sum(), u, create_graph=True)  # the adjoint's order
+        (d3,) = torch.autograd.grad((d2 * w3).sum(), u)  # a graph built through the second order
+        results.append((y, d1, d2, d3))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_softplus_second_derivative_makes_fewer_passes_than_torchs():
+    from models.nets.softplus import softplus
+
+    u = torch.randn(4, 6)
+    counts = [count_second_order_passes(f, u) for f in (softplus, torch.nn.functional.softplus)]
+    assert counts[0] <= 5 < 9 <= counts[1], counts

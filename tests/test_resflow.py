@@ -20,7 +20,7 @@ from models.nets.resflow_nets import ConvResidualNet, FCResidualNet
 from models.transforms.bijections.actnorm import ActNorm
 from models.transforms.residual.iresblock import InvertibleResidualBlock
 from models.transforms.residual.logdet_estimators import exact_logdet, roulette_weights, survival
-from tests.helpers import (SUBSET, assert_invertible, assert_ldj_matches_jacobian, read_metric,
+from tests.helpers import (SUBSET, assert_invertible, assert_ldj_matches_jacobian, count_second_order_passes, read_metric,
                            run_command)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -277,31 +277,10 @@ def test_silu_derivatives_of_every_order_match_autograds_silu(float64):
 
 
 def test_silu_first_and_second_derivatives_make_fewer_passes_than_autograds():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from models.nets.silu import silu
 
-    u = torch.randn(4, 6, requires_grad=True)
-    w = torch.randn_like(u)
-
-    class CountPasses(TorchDispatchMode):  # operations with an output the size of the activation
-        def __init__(self):
-            super().__init__()
-            self.passes = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            self.passes += isinstance(out, torch.Tensor) and out.numel() == u.numel() and func.overloadpacket not in (
-                torch.ops.aten.detach, torch.ops.aten.view, torch.ops.aten.alias)
-            return out
-
-    counts = []
-    for f in (silu, torch.nn.functional.silu):
-        y = f(u)
-        with CountPasses() as mode:  # the first derivative with a graph, then the second
-            (d1,) = torch.autograd.grad(y, u, w, create_graph=True)
-            torch.autograd.grad(d1.sum(), u)
-        counts.append(mode.passes)
+    u = torch.randn(4, 6)
+    counts = [count_second_order_passes(f, u) for f in (silu, torch.nn.functional.silu)]
     assert counts[0] <= 8 < 12 <= counts[1], counts
 
 
@@ -369,6 +348,24 @@ def test_conv2d_vector_jacobian_product_skips_the_weight_gradient():
         assert built == [1]
     finally:
         module._WeightGradFn.forward = original
+
+
+def test_a_plain_conv2d_vector_jacobian_product_skips_the_weight_gradient(monkeypatch):
+    """autograd.grad(y, x, v) without create_graph (the power series' terms under the Neumann
+    gradient, eval) asks aten for the input gradient alone; a backward to the weight asks for it."""
+    from models.nets import conv2d as module
+
+    masks = []
+    original = module._grads
+    monkeypatch.setattr(module, "_grads", lambda go, x, w, p, mask: masks.append(tuple(mask)) or original(go, x, w, p, mask))
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    w, b = torch.randn(4, 3, 3, 3).requires_grad_(), torch.randn(4, requires_grad=True)
+    y = module.conv2d(x, w * 1.0, b, padding=1)
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y), retain_graph=True)
+    assert masks == [(True, False)]
+    torch.testing.assert_close(gx, torch.autograd.grad(torch.nn.functional.conv2d(x, w, b, padding=1).sum(), x)[0])
+    y.sum().backward()
+    assert masks[1:] == [(True, True)] and w.grad is not None and b.grad is not None
 
 
 def test_the_eval_weight_cache_follows_the_weight():

@@ -1,12 +1,23 @@
-"""The higher orders of a closed-form derivative, by autograd over its formula.
+"""Closed-form derivatives: an elementwise activation differentiated twice, and the higher orders
+of any closed-form derivative by autograd over its formula.
 
-``silu.py`` and ``conv2d.py`` give first and second derivatives in closed form.  When a graph is
-built through the second order (a third derivative), their backward recomputes the first
-derivative from its formula with differentiable operations and differentiates that:
+``twice_differentiable(value, first, first_formula, second)`` builds f(u) = ``value(u)`` whose
+first derivative with a graph (``create_graph``: FFJORD's adjoint, Residual Flows' Neumann
+gradient) is differentiated in closed form:
 
-    d<g, f(a_1, ..., a_n)>/da_i    for the a_i that require grad
+    backward of f:                  grad -> grad f'(u)                 ``first(grad, u)``, fused
+    backward of grad f'(u):         d/d grad = gg f'(u)                ``first(gg, u)``
+                                    d/du     = gg grad f''(u)          ``second(gg, grad, u)``
 
-so every order matches the plain operation's.
+``differentiate`` gives every higher order: when a graph is built through the second order (a
+third derivative), the backward recomputes the first derivative from its formula
+(``first_formula``: differentiable operations) and differentiates that,
+
+    d<g, formula(a_1, ..., a_n)>/da_i    for the a_i that require grad,
+
+so every order matches the plain operation's.  ``silu.py``, ``softplus.py`` and ``conv2d.py``
+use it.  Under autocast f is plain ``value`` (autocast's dtype rules; the callers here run
+with autocast off).
 """
 from __future__ import annotations
 
@@ -14,8 +25,10 @@ from typing import Callable
 
 import torch
 
+Tensor = torch.Tensor
 
-def differentiate(formula: Callable[..., torch.Tensor], inputs: tuple, grad: torch.Tensor) -> tuple:
+
+def differentiate(formula: Callable[..., Tensor], inputs: tuple, grad: Tensor) -> tuple:
     """The gradients of <grad, formula(*inputs)> for the inputs that require grad (None for the
     others), with a graph (create_graph)."""
     wanted = [t for t in inputs if t.requires_grad]
@@ -24,3 +37,46 @@ def differentiate(formula: Callable[..., torch.Tensor], inputs: tuple, grad: tor
     with torch.enable_grad():
         found = iter(torch.autograd.grad(formula(*inputs), wanted, grad, create_graph=True))
     return tuple(next(found) if t.requires_grad else None for t in inputs)
+
+
+def twice_differentiable(value: Callable[[Tensor], Tensor], first: Callable[[Tensor, Tensor], Tensor],
+                         first_formula: Callable[[Tensor, Tensor], Tensor],
+                         second: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """f(u) = value(u) with the closed-form first and second derivatives of the module docstring.
+    Both autograd Functions keep what autograd keeps for f: u, and for the second order grad and u."""
+
+    class FirstDerivative(torch.autograd.Function):
+        """(grad, u) -> grad f'(u)."""
+
+        @staticmethod
+        def forward(ctx, grad, u):
+            ctx.save_for_backward(grad, u)
+            return first(grad, u)
+
+        @staticmethod
+        def backward(ctx, gg):
+            grad, u = ctx.saved_tensors
+            if torch.is_grad_enabled():  # a third order: differentiate the formula with autograd
+                return differentiate(first_formula, (grad, u), gg)
+            return (first(gg, u) if ctx.needs_input_grad[0] else None,
+                    second(gg, grad, u) if ctx.needs_input_grad[1] else None)
+
+    class Value(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, u):
+            ctx.save_for_backward(u)
+            return value(u)
+
+        @staticmethod
+        def backward(ctx, grad):
+            (u,) = ctx.saved_tensors
+            if torch.is_grad_enabled():  # create_graph: a first derivative that can be differentiated
+                return FirstDerivative.apply(grad, u)
+            return first(grad, u)
+
+    def f(u: Tensor) -> Tensor:
+        if torch.is_autocast_enabled(u.device.type):
+            return value(u)
+        return Value.apply(u)
+
+    return f

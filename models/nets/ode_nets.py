@@ -27,9 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.nets.conv2d import conv2d
+from models.nets.softplus import Softplus
 
 LAYER_TYPES = ("concat", "concatsquash")
-NONLINEARITIES = {"softplus": nn.Softplus, "tanh": nn.Tanh, "elu": nn.ELU, "relu": nn.ReLU}
+# softplus: torch's, with a closed-form second derivative (the adjoint differentiates f's vector-Jacobian product)
+NONLINEARITIES = {"softplus": Softplus, "tanh": nn.Tanh, "elu": nn.ELU, "relu": nn.ReLU}
 
 
 def _base_layer(dim_in: int, dim_out: int, conv: bool) -> nn.Module:

@@ -16,33 +16,15 @@ grad -> grad silu'(u) is needed, i.e.
 Autograd's silu, asked for a first derivative that can be differentiated, builds it from
 six elementwise operations and differentiates those one by one: eighteen passes over the
 activation (memory-bound, over the largest tensors of a Residual Flow step) for the first
-and second orders together; these functions make eight (one silu_backward, then seven).
-A third derivative (a graph built through the second) differentiates the formula for
-silu' with autograd, so every order is right.
-Both functions keep what autograd's silu keeps: u, and for the second order grad and u.
+and second orders together; this one makes eight (one silu_backward, then seven).
+Built by ``formula_grad.twice_differentiable`` (every higher order by autograd over the formula).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from models.nets.formula_grad import differentiate
-
-_silu_backward = torch.ops.aten.silu_backward
-
-
-class _SiluFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u):
-        ctx.save_for_backward(u)
-        return F.silu(u)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (u,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: a first derivative that can be differentiated
-            return _SiluGradFn.apply(grad, u)
-        return _silu_backward(grad, u)
+from models.nets.formula_grad import twice_differentiable
 
 
 def _first_derivative(grad, u):
@@ -51,28 +33,12 @@ def _first_derivative(grad, u):
     return grad * s * (1 + u * (1 - s))
 
 
-class _SiluGradFn(torch.autograd.Function):
-    """(grad, u) -> grad silu'(u), with the closed-form backward of the module docstring."""
-
-    @staticmethod
-    def forward(ctx, grad, u):
-        ctx.save_for_backward(grad, u)
-        return _silu_backward(grad, u)
-
-    @staticmethod
-    def backward(ctx, gg):
-        grad, u = ctx.saved_tensors
-        if torch.is_grad_enabled():  # a third order: differentiate the formula with autograd
-            return differentiate(_first_derivative, (grad, u), gg)
-        d_grad = _silu_backward(gg, u) if ctx.needs_input_grad[0] else None
-        d_u = None
-        if ctx.needs_input_grad[1]:
-            s = torch.sigmoid(u)
-            d_u = torch.ops.aten.sigmoid_backward(gg * grad, s)   # gg grad s (1 - s)
-            d_u.mul_(torch.addcmul(u, u, s, value=-2.0).add_(2.0))  # * (2 + u (1 - 2 s))
-        return d_grad, d_u
+def _second_term(gg, grad, u):
+    """gg grad silu''(u) = gg grad s (1 - s) (2 + u (1 - 2 s))."""
+    s = torch.sigmoid(u)
+    d_u = torch.ops.aten.sigmoid_backward(gg * grad, s)  # gg grad s (1 - s)
+    return d_u.mul_(torch.addcmul(u, u, s, value=-2.0).add_(2.0))  # * (2 + u (1 - 2 s))
 
 
-def silu(u: torch.Tensor) -> torch.Tensor:
-    """silu(u) = u sigmoid(u); its second derivative in closed form (module docstring)."""
-    return _SiluFn.apply(u)
+silu = twice_differentiable(F.silu, torch.ops.aten.silu_backward, _first_derivative, _second_term)
+silu.__doc__ = "silu(u) = u sigmoid(u); its second derivative in closed form (module docstring)."
