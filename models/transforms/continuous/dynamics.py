@@ -40,15 +40,6 @@ class AugmentedDynamics(nn.Module):
         with torch.autocast(device_type=states[0].device.type, enabled=False):
             return self._rates(t, states, trace, noise)
 
-    def _net(self, t: torch.Tensor, z: torch.Tensor, outer_grad: bool) -> torch.Tensor:
-        """f(t, z).  Without an outer graph (the adjoint's forward solve, eval) nothing differentiates
-        the parameters: they enter detached, so the trace's vector-Jacobian product computes no
-        weight gradients (a custom autograd Function such as ``conv2d`` cannot tell otherwise)."""
-        if outer_grad:
-            return self.net(t, z)
-        params = {name: p.detach() for name, p in self.net.named_parameters()}
-        return torch.func.functional_call(self.net, params, (t, z))
-
     def _rates(self, t, states, trace, noise):
         z = states[0]
         if len(states) == 1:
@@ -57,7 +48,7 @@ class AugmentedDynamics(nn.Module):
         with torch.enable_grad():
             if not (outer_grad and z.requires_grad):  # (a view made under no_grad can claim requires_grad)
                 z = z.detach().requires_grad_(True)
-            f = self._net(t, z, outer_grad)
+            f = self.net(t, z)
             if trace == "hutchinson":
                 tr, sq_jac = hutchinson_trace(f, z, noise, create_graph=outer_grad)
             else:
