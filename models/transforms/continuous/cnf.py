@@ -2,8 +2,9 @@
 
     z = x + int_0^T f(z(t), t) dt,    log|det dz/dx| = int_0^T tr(df/dz)(z(t), t) dt
 
-solved by torchdiffeq (``odeint``, or ``odeint_adjoint`` for O(1)-memory gradients) with
-the augmented dynamics of ``dynamics.py``.  ``inverse`` integrates dz/dt = f back from T
+solved with the augmented dynamics of ``dynamics.py`` by ``dopri5.py`` (FFJORD's solver: our own
+loop with torchdiffeq's step control; ``odeint_adjoint`` for O(1)-memory gradients) or, for
+every other method, by torchdiffeq (``odeint`` / ``odeint_adjoint``).  ``inverse`` integrates dz/dt = f back from T
 to 0.  T is learnable (stored as sqrt(T), so T = s^2 > 0, as in FFJORD) or a fixed buffer.
 Train and eval mode use their own solver settings (``SolverSettings``) and trace
 (Hutchinson or exact; the log-det is exact, ``exact_ldj``, when the current mode's trace
@@ -103,16 +104,21 @@ class CNF(Transform):
         return self.trace_train if self.training else self.trace_eval
 
     def _solve(self, func, states: tuple[torch.Tensor, ...], times: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        s = self.train_solver if self.training else self.test_solver
+        adjoint = self.adjoint and torch.is_grad_enabled()
+        if s.method == "dopri5":  # our own loop (dopri5.py): the reference's step control, less work around f
+            from models.transforms.continuous import dopri5
+            if adjoint:
+                params = tuple(p for p in func.parameters() if p.requires_grad)
+                return dopri5.odeint_adjoint(func, states, times[0], times[1], rtol=s.rtol, atol=s.atol,
+                                             norm=_error_norm, params=params)
+            return dopri5.odeint(func, states, times[0], times[1], rtol=s.rtol, atol=s.atol, norm=_error_norm)
         # imported here: torchdiffeq imports scipy (~40 MB of resident memory), which no other
         # family needs, and every config check imports every family
         from torchdiffeq import odeint, odeint_adjoint
 
-        s = self.train_solver if self.training else self.test_solver
         kwargs = {"rtol": s.rtol, "atol": s.atol, "method": s.method, "options": s.options()}
-        if self.adjoint and torch.is_grad_enabled():
-            out = odeint_adjoint(func, states, times, **kwargs)
-        else:
-            out = odeint(func, states, times, **kwargs)
+        out = (odeint_adjoint if adjoint else odeint)(func, states, times, **kwargs)
         return tuple(o[-1] for o in out)
 
     def _times(self, x: torch.Tensor, reverse: bool) -> torch.Tensor:
