@@ -307,6 +307,8 @@ def test_conv2d_derivatives_of_every_order_match_autograds_conv(float64, kernel,
         results.append((gx, gw, *[t for t in second if t is not None], *third))
     for a, c in zip(*results):
         torch.testing.assert_close(a, c)
+    g = lambda x, w: conv2d(x, w, None, padding=pad)  # noqa: E731  (no bias: every order too)
+    assert torch.autograd.gradcheck(g, (x, w)) and torch.autograd.gradgradcheck(g, (x, w))
 
 
 def test_conv2d_under_autocast_is_plain_conv2d():

@@ -70,7 +70,8 @@ class _Conv2dFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         p = ctx.padding
-        need_x, need_w, need_b = _will_use(ctx)[:3]
+        need = _will_use(ctx) + [False]  # (no entry for the bias when it is None)
+        need_x, need_w, need_b = need[:3]
         if torch.is_grad_enabled():  # create_graph: first derivatives that can be differentiated
             gi = _InputGradFn.apply(grad_out, x, weight, p) if need_x else None
             gw = _WeightGradFn.apply(grad_out, x, weight, p) if need_w else None
