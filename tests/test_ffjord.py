@@ -204,7 +204,7 @@ def test_auxiliary_losses_are_coefficient_times_block_means_returned_with_the_fo
             expected[f"transforms.{i}.kinetic_energy"] = 0.5 * float(integrals["kinetic_energy"].detach().mean())
         else:
             z, _ = t(z)
-    assert {k: float(v) for k, v in aux.items()} == pytest.approx(expected)
+    assert {k: float(v.detach()) for k, v in aux.items()} == pytest.approx(expected)
     plain = tiny_ffjord().train()
     _, aux = plain(images(2), return_aux=True)
     assert aux == {}  # FFJORD: no regulariser states are even integrated
