@@ -31,8 +31,9 @@ BACKENDS = ("inductor", "aot_eager", "eager")
 
 # families whose forward is not worth compiling, and why (``python benchmarks/gpu_suite.py --explain``)
 EAGER_FAMILIES = {
-    "ffjord": "torchdiffeq's adaptive solver chooses its steps by data-dependent Python control flow "
-              "(92 graph breaks in the tiny config, and a recompilation for every new step size)",
+    "ffjord": "the adaptive solver (models/transforms/continuous/dopri5.py) chooses its steps on the host, "
+              "by data-dependent Python control flow (with torchdiffeq: 92 graph breaks in the tiny config, "
+              "and a recompilation for every new step size), and the adjoint differentiates f twice",
 }
 
 

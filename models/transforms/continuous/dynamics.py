@@ -62,8 +62,8 @@ class AugmentedDynamics(nn.Module):
 
 
 class Solve(nn.Module):
-    """The ODE function of one solve (what torchdiffeq integrates).  A module, so that
-    ``odeint_adjoint`` finds the parameters of ``net`` through it; ``finish_forward()``
+    """The ODE function of one solve (what the solver integrates).  A module, so that the adjoint
+    finds the parameters of ``net`` through it; ``finish_forward()``
     marks the end of the forward solve: later evaluations are the adjoint's backward solve."""
 
     def __init__(self, dynamics: AugmentedDynamics, trace: str, noise: torch.Tensor | None):
