@@ -120,8 +120,8 @@ def test_a_non_finite_vector_field_and_equal_times_raise_clear_errors():
     def nan_after_half(t, states):
         return (states[0] * (float("nan") if float(t) > 0.5 else -1.0),)
 
-    norm = lambda s: s[0].pow(2).mean().sqrt()  # noqa: E731
+    opts = {"rtol": 1e-5, "atol": 1e-5, "norm": lambda s: s[0].pow(2).mean().sqrt()}
     with pytest.raises(FloatingPointError, match="not finite"):
-        dopri5.odeint(nan_after_half, (torch.ones(3),), torch.tensor(0.0), torch.tensor(1.0), rtol=1e-5, atol=1e-5, norm=norm)
+        dopri5.odeint(nan_after_half, (torch.ones(3),), torch.tensor(0.0), torch.tensor(1.0), **opts)
     with pytest.raises(ValueError, match="two different finite times"):
-        dopri5.odeint(nan_after_half, (torch.ones(3),), torch.tensor(1.0), torch.tensor(1.0), rtol=1e-5, atol=1e-5, norm=norm)
+        dopri5.odeint(nan_after_half, (torch.ones(3),), torch.tensor(1.0), torch.tensor(1.0), **opts)

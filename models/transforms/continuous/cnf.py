@@ -5,7 +5,8 @@
 solved with the augmented dynamics of ``dynamics.py`` by ``dopri5.py`` (FFJORD's solver: our
 own loop with torchdiffeq's step control; ``odeint_adjoint`` for O(1)-memory gradients) or,
 for every other method, by torchdiffeq (``odeint`` / ``odeint_adjoint``).  ``inverse``
-integrates dz/dt = f back from T to 0.  T is learnable (stored as sqrt(T), so T = s^2 > 0, as in FFJORD) or a fixed buffer.
+integrates dz/dt = f back from T to 0.  T is learnable (stored as sqrt(T), so T = s^2 > 0, as
+in FFJORD) or a fixed buffer.
 Train and eval mode use their own solver settings (``SolverSettings``) and trace
 (Hutchinson or exact; the log-det is exact, ``exact_ldj``, when the current mode's trace
 is).  In training with RNODE coefficients (arXiv:2002.02798) the regulariser states

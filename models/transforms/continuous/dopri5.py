@@ -112,8 +112,7 @@ def _dense_output(y0: States, y1: States, ks: list[States], h: float, x) -> Stat
     weights = [c_mid * m for m in MID]
     weights[0], weights[-1] = weights[0] + c_f0, weights[-1] + c_f1
     if not isinstance(x, torch.Tensor):
-        out = _combine(None, [y1], (c_y1,), 1.0)
-        return _combine(tuple(torch.add(o, y, alpha=c_y0 + c_mid) for o, y in zip(out, y0)), ks, weights, h)
+        return _combine(None, [y0, y1, *ks], [c_y0 + c_mid, c_y1, *(h * w for w in weights)], 1.0)
     out = []
     for j in range(len(y0)):
         acc = y0[j] * (c_y0 + c_mid).to(y0[j].dtype) + y1[j] * c_y1.to(y0[j].dtype)
@@ -197,7 +196,7 @@ class _Adjoint(torch.autograd.Function):
                 f = func(t_, y_)
                 inputs = ((t_,) if t_grad else ()) + y_ + params
                 grads = torch.autograd.grad(f, inputs, tuple(-a for a in adj), allow_unused=True)
-            vjp_t = grads[0] if t_grad and grads[0] is not None else torch.zeros((), dtype=dtype, device=t.device)
+            vjp_t = grads[0] if t_grad and grads[0] is not None else t.new_zeros(())
             grads = grads[1:] if t_grad else grads
             vjp_y = tuple(torch.zeros_like(v) if g is None else g for v, g in zip(y_, grads[:n]))
             vjp_p = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads[n:])]
@@ -219,7 +218,7 @@ class _Adjoint(torch.autograd.Function):
                 f1 = func(t1.detach().to(dtype), y1)
                 grad_t1 = sum((f * g).sum() for f, g in zip(f1, grad_y1))
                 vjp_t = vjp_t - grad_t1
-            zeros = torch.zeros(sum(sizes), dtype=dtype, device=y1[0].device)  # (also a placeholder without params)
+            zeros = y1[0].new_zeros(sum(sizes))  # the parameters' adjoint, flat (empty without parameters)
             aug0 = (vjp_t, *y1, *grad_y1, zeros)
             aug = odeint(dynamics, aug0, t1.detach(), t0.detach(), rtol=options["rtol"], atol=options["atol"],
                          norm=adjoint_norm)
@@ -230,8 +229,8 @@ class _Adjoint(torch.autograd.Function):
         return (None, None, None, grad_t0, grad_t1, *adj_y0, *adj_params)
 
 
-def odeint_adjoint(func, y0: States, t0: torch.Tensor, t1: torch.Tensor, *, rtol: float, atol: float, norm: Norm,
-                   params: tuple[torch.Tensor, ...]) -> States:
+def odeint_adjoint(func, y0: States, t0: torch.Tensor, t1: torch.Tensor, *, rtol: float, atol: float,
+                   norm: Norm, params: tuple[torch.Tensor, ...]) -> States:
     """``odeint`` whose gradients (w.r.t. y0, ``params``, t0 and t1) come from the adjoint backward solve."""
     options = {"rtol": rtol, "atol": atol, "norm": norm}
     return _Adjoint.apply(func, options, len(y0), t0, t1, *y0, *params)
