@@ -146,3 +146,48 @@ def test_channels_last_composes_with_invertible_backprop_and_compile(how):
     torch.testing.assert_close(loss, loss0, rtol=1e-6, atol=1e-6)
     for g, g0 in zip(grads, grads0):
         torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-6)
+
+
+class Relayouts(TorchDispatchMode):
+    """Counts the layout conversions (``contiguous(memory_format=...)`` copies) of batches of images."""
+
+    def __init__(self, batch: int):
+        super().__init__()
+        self.batch, self.copies = batch, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.clone.default and args[0].dim() == 4 and args[0].shape[0] == self.batch \
+                and args[0].shape[1] > 1 and args[0].shape[-1] > 3 and args[0].is_contiguous() != out.is_contiguous():
+            self.copies += 1
+        return out
+
+
+@pytest.mark.parametrize("solver", ["dopri5", "rk4"])
+def test_a_cnf_keeps_its_ode_state_nhwc_through_the_solve(solver, float64):
+    """The CNF lays out its own state (no hooks on its ODE net): one conversion into NHWC and one
+    back per solve, not two per evaluation of f; torchdiffeq's solvers (rk4), whose states are
+    views of one flat vector, get theirs converted per evaluation and compute the same."""
+    overrides = [f"model.solver={solver}", f"model.test_solver={solver}", "model.step_size=0.25"]
+    cfg = resolve_overrides(["model.name=ffjord", *TINY["ffjord"], *overrides])
+    results = {}
+    for memory_format in ("contiguous", "channels_last"):
+        torch.manual_seed(0)
+        model = build_flow(cfg, DATA_SHAPE, dtype=torch.float64, perturb=0.05)
+        x = random_images(4, DATA_SHAPE, 8, generator=torch.Generator().manual_seed(1))
+        model.data_init(x)
+        set_memory_format(model, memory_format)
+        cnfs = [net for _, net in channels_last_nets(model)]
+        assert cnfs and all(type(net).__name__ == "CNF" and not net.dynamics.net._forward_pre_hooks for net in cnfs)
+        with Relayouts(batch=len(x)) as relayouts:
+            torch.manual_seed(3)
+            loss, log_p, _ = training_loss(model, x)
+            loss.backward()
+        nfe = sum(net.nfe()["forward"] + net.nfe()["backward"] for net in cnfs)
+        results[memory_format] = (log_p.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+        if memory_format == "channels_last" and solver == "dopri5":
+            # per solve: x, the noise and z in the forward; dL/dz back and dL/dx out in the backward
+            assert relayouts.copies <= 5 * len(cnfs) < nfe, (relayouts.copies, nfe)
+    torch.testing.assert_close(results["channels_last"][0], results["contiguous"][0], rtol=1e-10, atol=1e-10)
+    for g, g0 in zip(results["channels_last"][1], results["contiguous"][1]):
+        torch.testing.assert_close(g, g0, rtol=1e-8, atol=1e-10)

@@ -17,6 +17,10 @@ checkpoints do not change, so the option can differ between training, evaluation
 Random draws inside a network follow its memory order: dropout masks differ between the two layouts
 (equally distributed, not the same draws).
 
+A module that lays out its own state instead (it defines ``use_memory_format(name)``) gets that
+call and no hooks: the CNF keeps its ODE state NHWC for the whole solve, so its ODE net, called at
+every evaluation of f, is not converted twice per call (``relayout`` crosses the boundary once).
+
 ``contiguous`` (NCHW, PyTorch's default) removes the hooks again.
 """
 from __future__ import annotations
@@ -44,24 +48,25 @@ class _Relayout(torch.autograd.Function):
         return _Relayout.apply(grad, grad_format, memory_format), None, None
 
 
-def _relayout(value, memory_format: torch.memory_format, grad_format: torch.memory_format):
-    """``value`` with every 4-D floating tensor in it (also inside tuples/lists) in ``memory_format``."""
+def relayout(value, memory_format: torch.memory_format, grad_format: torch.memory_format):
+    """``value`` with every 4-D floating tensor in it (also inside tuples/lists) in ``memory_format``;
+    their gradients go back in ``grad_format``."""
     if isinstance(value, torch.Tensor):
         if value.dim() == 4 and value.is_floating_point():
             return _Relayout.apply(value, memory_format, grad_format)
         return value
     if isinstance(value, (tuple, list)):
-        return type(value)(_relayout(v, memory_format, grad_format) for v in value)
+        return type(value)(relayout(v, memory_format, grad_format) for v in value)
     return value
 
 
 def _inputs_channels_last(module, args, kwargs):
     cl, nchw = torch.channels_last, torch.contiguous_format
-    return _relayout(args, cl, nchw), {k: _relayout(v, cl, nchw) for k, v in kwargs.items()}
+    return relayout(args, cl, nchw), {k: relayout(v, cl, nchw) for k, v in kwargs.items()}
 
 
 def _outputs_contiguous(module, args, output):
-    return _relayout(output, torch.contiguous_format, torch.channels_last)
+    return relayout(output, torch.contiguous_format, torch.channels_last)
 
 
 def channels_last_nets(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -84,7 +89,10 @@ def set_memory_format(model: nn.Module, memory_format: str) -> list[str]:
         for handle in getattr(net, _HANDLES, ()):
             handle.remove()
         handles = []
-        if memory_format == "channels_last":
+        if hasattr(net, "use_memory_format"):  # it lays out its own state (module docstring)
+            net.use_memory_format(memory_format)
+            names += [name] if memory_format == "channels_last" else []
+        elif memory_format == "channels_last":
             handles = [net.register_forward_pre_hook(_inputs_channels_last, with_kwargs=True),
                        net.register_forward_hook(_outputs_contiguous)]
             names.append(name)

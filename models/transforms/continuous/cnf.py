@@ -15,6 +15,9 @@ control (as in the official code), and ``forward_aux`` returns coefficient x bat
 of each as this call's auxiliary losses.  ``diagnostics()`` reports the evaluations of f
 of the last training forward solve, of the adjoint's backward solve that followed it, of
 the last inverse, and the end time T.
+Under ``train.memory_format=channels_last`` the state is NHWC from the start of each solve to its
+end (``use_memory_format``): the ODE net's convolutions read and write NHWC at every evaluation of
+f with no conversion around them; z and the gradients come back NCHW.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from models.core.memory_format import relayout
 from models.core.transform import Transform
 from models.transforms.continuous.dynamics import AugmentedDynamics
 from models.transforms.continuous.regularizers import REGULARIZERS
@@ -62,6 +66,7 @@ class SolverSettings:
 
 class CNF(Transform):
     exact_inverse = False  # numerical ODE solve
+    channels_last_net = True  # train.memory_format=channels_last: an NHWC state (use_memory_format)
 
     def __init__(self, net: nn.Module, end_time: float = 1.0, train_end_time: bool = True,
                  train_solver: SolverSettings | None = None, test_solver: SolverSettings | None = None,
@@ -98,6 +103,20 @@ class CNF(Transform):
     def regularize(self) -> bool:
         return any(c > 0 for c in self.coefficients.values())
 
+    def use_memory_format(self, memory_format: str) -> None:
+        """The layout of the ODE state in every solve (``models.core.memory_format``)."""
+        channels_last = memory_format == "channels_last"
+        self.dynamics.state_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def _to_state_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the solve's layout; its gradient comes back in the caller's (NCHW)."""
+        fmt = self.dynamics.state_format
+        return x if fmt == torch.contiguous_format else relayout(x, fmt, torch.contiguous_format)
+
+    def _from_state_layout(self, z: torch.Tensor) -> torch.Tensor:
+        fmt = self.dynamics.state_format
+        return z if fmt == torch.contiguous_format else relayout(z, torch.contiguous_format, fmt)
+
     def end_time(self) -> torch.Tensor:
         return self.sqrt_end_time * self.sqrt_end_time
 
@@ -129,14 +148,15 @@ class CNF(Transform):
     def integrate(self, x):
         """(z, ldj, {regulariser: per-example integral}) of one forward solve."""
         trace = self._trace()
-        func = self.dynamics.solve(trace, sample_noise(self.noise, x) if trace == "hutchinson" else None)
+        noise = self._to_state_layout(sample_noise(self.noise, x)) if trace == "hutchinson" else None
+        func = self.dynamics.solve(trace, noise)
         regularize = self.regularize and self.training
         zeros = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
-        states = (x, zeros) + ((zeros, zeros) if regularize else ())
+        states = (self._to_state_layout(x), zeros) + ((zeros, zeros) if regularize else ())
         out = self._solve(func, states, self._times(x, reverse=False))
         func.finish_forward()  # the adjoint's backward solve, if any, comes next
         self._last_solve_nfe = func.nfe  # the same dict: the backward solve adds to it later
-        return out[0], -out[1], dict(zip(REGULARIZERS, out[2:]))
+        return self._from_state_layout(out[0]), -out[1], dict(zip(REGULARIZERS, out[2:]))
 
     def forward_aux(self, x, context=None):
         z, ldj, integrals = self.integrate(x)
@@ -150,7 +170,7 @@ class CNF(Transform):
 
     def inverse(self, z, context=None, *, temperature=1.0):
         func = self.dynamics.solve()
-        x = self._solve(func, (z,), self._times(z, reverse=True))[0]
+        x = self._from_state_layout(self._solve(func, (self._to_state_layout(z),), self._times(z, reverse=True))[0])
         self._last_inverse_nfe = func.nfe["forward"]
         return x
 

@@ -11,7 +11,9 @@ holding that solve's trace mode, its Hutchinson noise (drawn once per solve and 
 fixed, so the solver integrates one smooth ODE) and its counts of evaluations of f,
 split into the forward solve and the adjoint's backward solve that follows it.  Nothing
 about a solve is stored on the persistent module.  Every evaluation of f runs in the
-states' precision with autocast off (under ``train.mixed_precision=bf16`` too).
+states' precision with autocast off (under ``train.mixed_precision=bf16`` too), on a state
+in ``state_format`` (the CNF's memory layout; a solver that hands over views of a flat
+vector, as torchdiffeq's do, gets them converted).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ class AugmentedDynamics(nn.Module):
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
+        self.state_format = torch.contiguous_format  # set by CNF.use_memory_format
 
     def solve(self, trace: str = "exact", noise: torch.Tensor | None = None) -> "Solve":
         if trace == "hutchinson" and noise is None:
@@ -42,6 +45,8 @@ class AugmentedDynamics(nn.Module):
 
     def _rates(self, t, states, trace, noise):
         z = states[0]
+        if z.dim() == 4 and not z.is_contiguous(memory_format=self.state_format):
+            z = z.contiguous(memory_format=self.state_format)
         if len(states) == 1:
             return (self.net(t, z),)
         outer_grad = torch.is_grad_enabled()  # off: eval, or the adjoint's forward solve

@@ -18,4 +18,4 @@ REGULARIZERS = ("kinetic_energy", "jacobian_norm2")
 
 def kinetic_energy_rate(f: torch.Tensor) -> torch.Tensor:
     """d/dt of the kinetic-energy state: 0.5 * mean_i f_i^2, shape (B,)."""
-    return 0.5 * f.reshape(f.shape[0], -1).pow(2).mean(dim=1)
+    return 0.5 * f.pow(2).mean(dim=tuple(range(1, f.dim())))

@@ -32,8 +32,8 @@ def sample_noise(kind: str, like: torch.Tensor) -> torch.Tensor:
 def hutchinson_trace(f: torch.Tensor, z: torch.Tensor, e: torch.Tensor, create_graph: bool):
     """(e^T J e, mean((e^T J)^2)) with J = df/dz, per example."""
     e_jac = torch.autograd.grad(f, z, e, create_graph=create_graph)[0]
-    b = z.shape[0]
-    return (e_jac * e).reshape(b, -1).sum(dim=1), e_jac.reshape(b, -1).pow(2).mean(dim=1)
+    dims = tuple(range(1, z.dim()))  # (a reshape to (B, D) would copy an NHWC state)
+    return (e_jac * e).sum(dim=dims), e_jac.pow(2).mean(dim=dims)
 
 
 def jacobian(f: torch.Tensor, z: torch.Tensor, create_graph: bool) -> torch.Tensor:
