@@ -288,14 +288,17 @@ def test_a_few_training_steps_lower_bpd_on_the_subset(tmp_path):
         assert set(logged) == {5, 10, 15} and all(0 < v < 1e3 for v in logged.values()), (name, logged)
 
 
-@pytest.mark.parametrize("conv", [True, False])
-def test_concat_layer_equals_the_layer_on_the_concatenation(float64, conv):
+@pytest.mark.parametrize("conv,layout", [(True, torch.contiguous_format), (True, torch.channels_last),
+                                         (False, torch.contiguous_format)])
+def test_concat_layer_equals_the_layer_on_the_concatenation(float64, conv, layout):
     """ConcatLayer computes W_x x + b + t (W_t 1) without building [t, x]: the same values, and the
-    same gradients for x, t and the weights, borders included (zero padding: fewer taps there)."""
+    same gradients for x, t and the weights, borders included (zero padding: fewer taps there), in
+    either memory layout; its second derivatives (the adjoint differentiates f's vector-Jacobian
+    product) pass gradgradcheck."""
     from models.nets.ode_nets import ConcatLayer
     torch.manual_seed(0)
     layer = ConcatLayer(5, 7, conv)
-    x = (torch.randn(3, 5, 6, 4) if conv else torch.randn(3, 5)).requires_grad_()
+    x = (torch.randn(3, 5, 6, 4).contiguous(memory_format=layout) if conv else torch.randn(3, 5)).requires_grad_()
     t = torch.tensor(0.37, requires_grad=True)
     y = layer(t, x)
     ref = layer.layer(torch.cat([torch.ones_like(x[:, :1]) * t, x], dim=1))
@@ -305,6 +308,12 @@ def test_concat_layer_equals_the_layer_on_the_concatenation(float64, conv):
     ref_grads = torch.autograd.grad(ref, (x, t, layer.layer.weight, layer.layer.bias), g)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+    def f(x, t, weight, bias):
+        return torch.func.functional_call(layer, {"layer.weight": weight, "layer.bias": bias}, (t, x))
+
+    inputs = (x, t, layer.layer.weight.detach().requires_grad_(), layer.layer.bias.detach().requires_grad_())
+    assert torch.autograd.gradcheck(f, inputs) and torch.autograd.gradgradcheck(f, inputs)
 
 
 def test_the_ode_net_runs_in_float32_under_bf16_autocast():

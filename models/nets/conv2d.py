@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.nets.formula_grad import differentiate
+from models.nets.formula_grad import differentiate, will_use
 
 _conv_backward = torch.ops.aten.convolution_backward
 
@@ -39,25 +39,6 @@ def _grads(grad_out, x, weight, padding: int, mask: list[bool]):
     gi, gw, _ = _conv_backward(grad_out, x, weight, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1,
                                [mask[0], mask[1], False])
     return gi, gw
-
-
-def _will_use(ctx) -> list[bool]:
-    """Per input: does this backward pass need its gradient (it requires grad *and* the engine
-    will run the node it flows into).  A leaf's node cannot be asked inside
-    ``torch.autograd.grad`` (torch raises): a leaf counts as needed there.  Asked in every
-    backward: the power series' vector-Jacobian products (``autograd.grad(g, x, w)`` without
-    create_graph) would otherwise compute every weight gradient too (a Residual Flow forward at
-    batch 8: 12.2 s without asking, 8.6 s with; the question costs a few microseconds)."""
-    used = [bool(need) and node is not None and _will_run(node)
-            for need, (node, _) in zip(ctx.needs_input_grad, ctx.next_functions)]
-    return used + [False] * (len(ctx.needs_input_grad) - len(used))  # no edge for a trailing None (bias)
-
-
-def _will_run(node) -> bool:
-    try:
-        return torch._C._will_engine_execute_node(node)
-    except RuntimeError:  # a leaf (AccumulateGrad) during torch.autograd.grad
-        return True
 
 
 class _Conv2dFn(torch.autograd.Function):
@@ -71,7 +52,7 @@ class _Conv2dFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         p = ctx.padding
-        need_x, need_w, need_b = _will_use(ctx)[:3]
+        need_x, need_w, need_b = will_use(ctx)[:3]
         if torch.is_grad_enabled():  # create_graph: first derivatives that can be differentiated
             gi = _InputGradFn.apply(grad_out, x, weight, p) if need_x else None
             gw = _WeightGradFn.apply(grad_out, x, weight, p) if need_w else None
