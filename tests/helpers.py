@@ -210,7 +210,7 @@ def count_second_order_passes(f: Callable[[torch.Tensor], torch.Tensor], u: torc
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             self.passes += isinstance(out, torch.Tensor) and out.numel() == u.numel() and func.overloadpacket not in (
-                torch.ops.aten.detach, torch.ops.aten.view, torch.ops.aten.alias)
+                torch.ops.aten.detach, torch.ops.aten.view, torch.ops.aten.alias, torch.ops.aten.expand)
             return out
 
     u, w = u.detach().requires_grad_(True), torch.randn_like(u)

@@ -382,4 +382,4 @@ def test_softplus_second_derivative_makes_fewer_passes_than_torchs():
 
     u = torch.randn(4, 6)
     counts = [count_second_order_passes(f, u) for f in (softplus, torch.nn.functional.softplus)]
-    assert counts[0] <= 5 < 9 <= counts[1], counts
+    assert counts[0] <= 4 < 9 <= counts[1], counts

@@ -40,26 +40,37 @@ def differentiate(formula: Callable[..., Tensor], inputs: tuple, grad: Tensor) -
 
 
 def twice_differentiable(value: Callable[[Tensor], Tensor], first: Callable[[Tensor, Tensor], Tensor],
-                         first_formula: Callable[[Tensor, Tensor], Tensor],
-                         second: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+                         first_formula: Callable[[Tensor, Tensor], Tensor], second: Callable[..., Tensor],
+                         derivative: Callable[[Tensor], Tensor] | None = None) -> Callable[[Tensor], Tensor]:
     """f(u) = value(u) with the closed-form first and second derivatives of the module docstring.
-    Both autograd Functions keep what autograd keeps for f: u, and for the second order grad and u."""
+    Both autograd Functions keep what autograd keeps for f: u, and for the second order grad and u.
+
+    ``derivative(u)``: f'(u) as a tensor, for an f whose f'' is cheaper from f'(u) than from u
+    (softplus: f'' = f' (1 - f')).  A first derivative with a graph then computes it once and keeps
+    it (one more tensor of u's size): grad f'(u) and d/d grad = gg f'(u) are products, and
+    ``second(gg, grad, u, f'(u))`` gets it."""
 
     class FirstDerivative(torch.autograd.Function):
         """(grad, u) -> grad f'(u)."""
 
         @staticmethod
         def forward(ctx, grad, u):
-            ctx.save_for_backward(grad, u)
-            return first(grad, u)
+            if derivative is None:
+                ctx.save_for_backward(grad, u)
+                return first(grad, u)
+            slope = derivative(u)
+            ctx.save_for_backward(grad, u, slope)
+            return grad * slope
 
         @staticmethod
         def backward(ctx, gg):
-            grad, u = ctx.saved_tensors
+            grad, u, *slope = ctx.saved_tensors
             if torch.is_grad_enabled():  # a third order: differentiate the formula with autograd
                 return differentiate(first_formula, (grad, u), gg)
-            return (first(gg, u) if ctx.needs_input_grad[0] else None,
-                    second(gg, grad, u) if ctx.needs_input_grad[1] else None)
+            need_grad, need_u = ctx.needs_input_grad[:2]
+            if derivative is None:
+                return first(gg, u) if need_grad else None, second(gg, grad, u) if need_u else None
+            return gg * slope[0] if need_grad else None, second(gg, grad, u, slope[0]) if need_u else None
 
     class Value(torch.autograd.Function):
         @staticmethod
