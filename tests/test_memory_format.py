@@ -163,12 +163,14 @@ class Relayouts(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("solver", ["dopri5", "rk4"])
-def test_a_cnf_keeps_its_ode_state_nhwc_through_the_solve(solver, float64):
+@pytest.mark.parametrize("solver,rnode", [("dopri5", False), ("dopri5", True), ("rk4", False)])
+def test_a_cnf_keeps_its_ode_state_nhwc_through_the_solve(solver, rnode, float64):
     """The CNF lays out its own state (no hooks on its ODE net): one conversion into NHWC and one
-    back per solve, not two per evaluation of f; torchdiffeq's solvers (rk4), whose states are
-    views of one flat vector, get theirs converted per evaluation and compute the same."""
+    back per solve, not two per evaluation of f, RNODE's regulariser states included; torchdiffeq's
+    solvers (rk4), whose states are views of one flat vector, get theirs converted per evaluation
+    and compute the same."""
     overrides = [f"model.solver={solver}", f"model.test_solver={solver}", "model.step_size=0.25"]
+    overrides += ["model.kinetic_energy=0.01", "model.jacobian_norm2=0.01"] if rnode else []
     cfg = resolve_overrides(["model.name=ffjord", *TINY["ffjord"], *overrides])
     results = {}
     for memory_format in ("contiguous", "channels_last"):
