@@ -18,8 +18,8 @@ The first derivative with a graph computes s once (one softplus_backward) and ke
     d/du               = gg grad s (1 - s)    (a product and a sigmoid_backward)
 
 Autograd's softplus makes nine passes over the activation for the first derivative with a graph
-and its second (a cast, a comparison and four products among them); this one makes five, and
-only one of them evaluates an exponential.  Built by
+and its second (a cast, a comparison and four products among them); this one makes five (four
+when grad itself needs no gradient), and only one of them evaluates an exponential.  Built by
 ``formula_grad.twice_differentiable`` (every higher order by autograd over the formula).
 """
 from __future__ import annotations
