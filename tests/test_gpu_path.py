@@ -32,6 +32,7 @@ from engine.compile import compile_fallback, compile_forward, is_compiled, uncom
 from engine.metrics import bits_per_dim
 from engine.objectives import BitsPerDim
 from engine.trainer import Trainer
+from models.nets.lipschitz import SpectralNormBase
 from tests.helpers import ROOT, SUBSET, random_images, resolve_overrides, run_command
 from tests.test_contract import DATA_SHAPE, TINY, tiny_model
 
@@ -262,6 +263,21 @@ def test_the_training_step_reads_nothing_on_the_host(tmp_path, family, host_read
     flags = [trainer.device_step(step)[1] for step in range(3)]
     assert seen == [], seen
     assert all(f.dtype == torch.bool and f.dim() == 0 for f in flags)
+
+
+def test_a_residual_flow_step_reads_once_per_power_iteration_round(tmp_path, host_reads):
+    """The one read left in a Residual Flow's step (beside the roulette draws, made on the CPU):
+    the stopping tests of all spectral norms at once, once per round, not once per layer."""
+    trainer = make_trainer(tmp_path, "resflow")
+    trainer.finite_guard = "mask"
+    sn = [m for m in trainer.model.modules() if isinstance(m, SpectralNormBase)]
+    seen, _ = host_reads
+    for step in range(3):
+        seen.clear()
+        trainer.device_step(step)
+        reads = [where for where, _ in seen if where.startswith(os.path.join("models", "nets", "lipschitz.py"))]
+        rounds, alone = max(m.last_iters for m in sn), sum(m.last_iters for m in sn)  # (alone: a read per iteration)
+        assert len(reads) == rounds < alone, (len(reads), rounds, alone)
 
 
 def test_fit_reads_the_flags_only_where_it_logs(tmp_path, host_reads):

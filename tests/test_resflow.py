@@ -14,7 +14,8 @@ import torch
 
 from engine.config import load_config
 from models.architectures import build_model, resflow
-from models.nets.lipschitz import SpectralNormConv2d, SpectralNormLinear
+from models.nets import lipschitz
+from models.nets.lipschitz import SpectralNormBase, SpectralNormConv2d, SpectralNormLinear, power_iterate
 from models.nets.lipswish import LipSwish
 from models.nets.resflow_nets import ConvResidualNet, FCResidualNet
 from models.transforms.bijections.actnorm import ActNorm
@@ -133,6 +134,64 @@ def test_induced_mixed_norms(float64):
     model.after_optimizer_step()
     with pytest.raises(ValueError, match="lipschitz_norm"):
         tiny_resflow(lipschitz_norm="2333")
+
+
+def _iterate_alone(layer, max_iters):
+    """The stopping rule for one layer on its own: step, count, stop at its test or at max_iters."""
+    it = 0
+    for it in range(1, max_iters + 1):
+        done = layer._step_(layer.weight.detach(), layer.u, layer.v)
+        if done is not None and bool(done):
+            break
+    return it
+
+
+def test_power_iteration_in_step_matches_each_layer_alone_with_one_read_per_round(float64, monkeypatch):
+    def layers():
+        torch.manual_seed(0)
+        out = [SpectralNormLinear(6, 5, atol=1e-6, rtol=1e-6, max_iters=500, init_iters=0),
+               SpectralNormLinear(6, 5, atol=1e-3, rtol=1e-3, max_iters=500, init_iters=0),
+               SpectralNormConv2d(2, 3, 3, (2, 4, 4), atol=1e-8, rtol=0, max_iters=500, init_iters=0),
+               SpectralNormConv2d(3, 3, 1, (3, 4, 4), atol=1e-5, rtol=1e-5, max_iters=4, init_iters=0),
+               SpectralNormLinear(5, 5, atol=0, rtol=0, max_iters=7, init_iters=0),   # a fixed count: no test
+               SpectralNormLinear(5, 4, atol=1e-7, rtol=1e-7, max_iters=500, init_iters=0, domain=2.0, codomain=3.0)]
+        for m in out:
+            with torch.no_grad():
+                m.weight.mul_(torch.linspace(0.5, 2.0, m.weight.numel()).reshape(m.weight.shape))
+        return out
+
+    alone = layers()
+    with torch.no_grad():
+        counts = [_iterate_alone(m, m.max_iters) for m in alone]
+    assert len(set(counts)) >= 4 and counts[3] == 4 and counts[4] == 7  # stopped by their tests, their max_iters
+    together = layers()
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.numel()) or tolist(t))
+    power_iterate(together)
+    assert [m.last_iters for m in together] == counts
+    for a, b in zip(alone, together):
+        assert torch.equal(a.u, b.u) and torch.equal(a.v, b.v)
+    # one read per round while a layer still has a test to make: the rounds of the longest such layer
+    tested = [c for m, c in zip(alone, counts) if m.atol > 0 or m.rtol > 0]
+    assert len(reads) == max(tested)
+    assert reads[0] == 5  # the first round reads the five tested layers' stops at once
+
+
+def test_the_model_hook_iterates_every_block_in_step(float64, monkeypatch):
+    torch.manual_seed(0)
+    model = tiny_resflow(steps=[2, 2], fc_steps=2)
+    model.data_init(images(8))
+    sn = [m for m in model.modules() if isinstance(m, SpectralNormBase)]
+    with torch.no_grad():
+        for m in sn:
+            m.weight.mul_(1.01)
+    calls = []
+    real = lipschitz._iterate_in_step
+    monkeypatch.setattr(lipschitz, "_iterate_in_step", lambda layers, *a: calls.append(len(layers)) or real(layers, *a))
+    model.after_optimizer_step()
+    assert calls == [len(sn)] and len(sn) == 3 * 6  # one joint iteration over the 6 blocks' 18 layers
+    assert all(m.last_iters >= 1 for m in sn)
 
 
 def test_lipswish_is_1_lipschitz():

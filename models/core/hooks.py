@@ -7,7 +7,7 @@ posterior is a chain of transforms).  Each hook gathers the layers' own hooks
 included, with names prefixed by the layer's path:
 
     data_init(x)             every layer's ``data_init()`` (``Flow`` adds its data-dependent forward)
-    after_optimizer_step()   every layer's ``after_optimizer_step()``
+    after_optimizer_step()   every layer's ``after_optimizer_step()`` (by class: ``after_optimizer_step_all``)
     diagnostics()            {"<layer path>.<name>": float}
     diagnostics_summary()    the same, summed and maximised over layers: "<name>/sum", "<name>/max"
     layer_stats(x)           per-layer statistics of the batch ``x``: none here; a model says what its are
@@ -36,8 +36,13 @@ class LayerHooks(nn.Module):
             t.data_init()
 
     def after_optimizer_step(self) -> None:
+        """Every layer's hook, through its class's ``after_optimizer_step_all``: one call per
+        class with its layers in module order, classes in the order they first appear."""
+        by_class: dict[type, list[Transform]] = {}
         for _, t in self.layers():
-            t.after_optimizer_step()
+            by_class.setdefault(type(t), []).append(t)
+        for cls, layers in by_class.items():
+            cls.after_optimizer_step_all(layers)
 
     @torch.no_grad()
     def diagnostics(self) -> dict[str, float]:

@@ -88,6 +88,14 @@ class Transform(nn.Module):
     def after_optimizer_step(self) -> None:
         """Called after every optimizer step."""
 
+    @classmethod
+    def after_optimizer_step_all(cls, layers: list["Transform"]) -> None:
+        """``after_optimizer_step`` of all of a model's layers of this class at once (the model's
+        hook calls this once per class); a class overrides it to batch the work across its
+        layers, e.g. one host read for all of them."""
+        for t in layers:
+            t.after_optimizer_step()
+
     def diagnostics(self) -> dict[str, float]:
         """Scalars about the last call(s) to log; names are prefixed with the layer's path."""
         return {}

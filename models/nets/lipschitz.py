@@ -19,9 +19,10 @@ State and consistency
 from the same vectors) and copied, not averaged, by EMA.  ``forward`` never changes
 them: in training it uses the stored vectors (sigma = u^T W v is differentiable in W,
 so the gradient sees the normalisation); the vectors are refined in
-:meth:`power_iteration`, which the model calls from the trainer's
+:func:`power_iterate`, which the model calls from the trainer's
 ``after_optimizer_step`` hook, i.e. once after every optimizer step, until the RMS change
-of both vectors falls below ``atol + rtol * max|vector|`` or ``max_iters`` is reached.
+of both vectors falls below ``atol + rtol * max|vector|`` or ``max_iters`` is reached; it
+steps all of a model's layers together and reads their stopping tests once per round.
 
 Under DDP every rank holds identical weights after the optimizer step (gradients are
 all-reduced) and identical ``u, v`` (same initial vectors from the seeded build, same
@@ -37,7 +38,7 @@ the vectors (buffers untouched) and cached for as long as the weight and the buf
 are unchanged (``Tensor._version``): a pure function of (W, u, v).
 
 Induced mixed norms (Residual Flows §4.3 / App. D, ``vnorms``): with ``domain = p`` and
-``codomain = q`` the same iteration, generalised with dual vectors (see ``_iterate``),
+``codomain = q`` the same iteration, generalised with dual vectors (see ``SpectralNormBase._step_``),
 estimates ||W||_{p->q}, and W is rescaled so that ||W_hat||_{p->q} <= coeff.  Chaining
 layers whose codomain is the next layer's domain, with first domain = last codomain,
 bounds Lip(g) in that norm (element-wise 1-Lipschitz activations are 1-Lipschitz in every
@@ -143,39 +144,32 @@ class SpectralNormBase(nn.Module):
     def forward(self, x):
         return self.affine(x, self.normalized_weight().to(x.dtype), self.bias.to(x.dtype))
 
-    def _iterate(self, weight, u, v, max_iters: int, atol: float, rtol: float):
-        """Power iteration from (u, v); returns refined copies and the iterations used.
+    def _step_(self, weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+        """One power-iteration step from (u, v), written into u and v; returns the stopping test
+        as a 0-d bool tensor on the device (None without tolerances: a fixed count).
 
         Generalised to ||W||_{p->q} (p = domain, q = codomain; Boyd 1974, Higham 1992):
             v <- dual_{p*}(W^T u)    (the unit p-norm vector maximising <v, W^T u>)
             u <- dual_q(W v)         (the unit q*-norm vector with <u, W v> = ||W v||_q)
         so u^T W v = ||W v||_q / ||v||_p, a lower bound on ||W||_{p->q}, increasing along the
-        iteration.  For p = q = 2 both duals are x / ||x||_2: plain power iteration."""
-        p_star = _conjugate(self.domain)
-        it = 0
-        for it in range(1, max_iters + 1):
-            v_new = _dual(self._rmv(weight, u), p_star)
-            u_new = _dual(self._mv(weight, v_new), self.codomain)
+        iteration.  For p = q = 2 both duals are x / ||x||_2: plain power iteration.  The test:
+        the RMS change of each vector at most atol + rtol * max|new vector|."""
+        v_new = _dual(self._rmv(weight, u), _conjugate(self.domain))
+        u_new = _dual(self._mv(weight, v_new), self.codomain)
+        done = None
+        if self.atol > 0 or self.rtol > 0:
             err_u = (u_new - u).norm() / math.sqrt(u.numel())
             err_v = (v_new - v).norm() / math.sqrt(v.numel())
-            u, v = u_new, v_new
-            if atol > 0 or rtol > 0:
-                if err_u <= atol + rtol * u.abs().max() and err_v <= atol + rtol * v.abs().max():
-                    break
-        return u, v, it
+            done = (err_u <= self.atol + self.rtol * u_new.abs().max()) & (err_v <= self.atol + self.rtol * v_new.abs().max())
+        u.copy_(u_new)
+        v.copy_(v_new)
+        return done
 
     @torch.no_grad()
     def power_iteration(self, max_iters: int | None = None) -> int:
         """Refine the stored (u, v) for the current weight; returns the iterations used."""
-        if self.weight.is_meta or self.closed_form:  # meta build (counting) or a closed-form norm: nothing to iterate
-            return 0
-        weight = self.weight.detach().to(self.u.dtype)
-        u, v, it = self._iterate(weight, self.u, self.v, self.max_iters if max_iters is None else max_iters,
-                                 self.atol, self.rtol)
-        self.u.copy_(u)
-        self.v.copy_(v)
-        self.last_iters = it
-        return it
+        power_iterate([self], max_iters)
+        return self.last_iters
 
     def sigma(self) -> torch.Tensor:
         """u^T W v with the stored vectors, or the closed form (differentiable in W)."""
@@ -193,7 +187,8 @@ class SpectralNormBase(nn.Module):
         if self._eval_cache is None or self._eval_cache[0] != key:
             with torch.no_grad():
                 w = self.weight.detach()
-                u, v, _ = self._iterate(w, self.u.to(w.dtype), self.v.to(w.dtype), self.max_iters, self.atol, self.rtol)
+                u, v = self.u.to(w.dtype, copy=True), self.v.to(w.dtype, copy=True)
+                _iterate_in_step([self], [w], [u], [v], [self.max_iters])
                 s = torch.dot(u, self._mv(w, v))
             self._eval_cache = (key, s)
         return self._eval_cache[1]
@@ -216,6 +211,40 @@ class SpectralNormBase(nn.Module):
         if self._eval_weight_cache is None or self._eval_weight_cache[0] != key:
             self._eval_weight_cache = (key, self.weight / torch.clamp(sigma / self.coeff, min=1.0))
         return self._eval_weight_cache[1]
+
+
+def _iterate_in_step(layers: list[SpectralNormBase], weights, us, vs, max_iters: list[int]) -> list[int]:
+    """Power iteration of several layers in step, in place on ``us`` and ``vs``: every round
+    steps each layer still iterating, then reads all of their stopping tests at once (one host
+    read per round, none when no layer has a tolerance left to test).  Each layer stops at its
+    own test or its own ``max_iters``, as it would alone.  Returns the iterations of each."""
+    iters = [0] * len(layers)
+    active = [i for i, n in enumerate(max_iters) if n > 0]
+    while active:
+        tests = {}
+        for i in active:
+            done = layers[i]._step_(weights[i], us[i], vs[i])
+            iters[i] += 1
+            if done is not None and iters[i] < max_iters[i]:
+                tests[i] = done
+        stopped = {i for i, d in zip(tests, torch.stack(list(tests.values())).tolist()) if d} if tests else set()
+        active = [i for i in active if iters[i] < max_iters[i] and i not in stopped]
+    return iters
+
+
+@torch.no_grad()
+def power_iterate(layers: list[SpectralNormBase], max_iters: int | None = None) -> None:
+    """Refine the stored (u, v) of every layer for its current weight (``max_iters`` overrides
+    each layer's own), all layers in step: one host read per round for all of them rather than
+    one per layer and iteration (on a GPU each read waits for the queue to drain; at Residual
+    Flows' paper config every layer stops after one iteration, so one read for 156 layers).
+    The same vectors and counts as iterating each layer alone.  Closed-form norms and
+    meta-device builds have nothing to iterate."""
+    todo = [m for m in layers if not (m.weight.is_meta or m.closed_form)]
+    weights = [m.weight.detach().to(m.u.dtype) for m in todo]
+    limits = [m.max_iters if max_iters is None else int(max_iters) for m in todo]
+    for m, it in zip(todo, _iterate_in_step(todo, weights, [m.u for m in todo], [m.v for m in todo], limits)):
+        m.last_iters = it
 
 
 class SpectralNormLinear(SpectralNormBase):

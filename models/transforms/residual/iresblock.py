@@ -24,7 +24,8 @@ of g is spent on measuring it.
 
 Hooks (``models.core.transform``): ``data_init`` runs the power iterations of every
 spectrally normalised layer of ``net`` to tolerance before training, ``after_optimizer_step``
-refines them after every step (``models.nets.lipschitz``), and ``diagnostics`` reports the
+refines them after every step (``models.nets.lipschitz``; all blocks of a model in step, through
+``after_optimizer_step_all``: one host read per round), and ``diagnostics`` reports the
 series terms of the last forward, the fixed-point iterations and last step of the last
 inverse, the power iterations and the largest sigma / coeff of its layers.
 
@@ -36,7 +37,7 @@ from __future__ import annotations
 import torch
 
 from models.core.transform import Transform, compute_dtype
-from models.nets.lipschitz import SpectralNormBase
+from models.nets.lipschitz import SpectralNormBase, power_iterate
 from models.transforms.residual.logdet_estimators import (
     DISTRIBUTIONS,
     MemoryEfficientLogDet,
@@ -85,8 +86,14 @@ class InvertibleResidualBlock(Transform):
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        for layer in self.spectral_norm_layers():
-            layer.power_iteration()
+        power_iterate(self.spectral_norm_layers())
+
+    @classmethod
+    def after_optimizer_step_all(cls, layers: list["InvertibleResidualBlock"]) -> None:
+        """The power iterations of every block's layers in step: one host read per round for
+        all of them (``models.nets.lipschitz.power_iterate``), not one per layer."""
+        with torch.no_grad():
+            power_iterate([m for block in layers for m in block.spectral_norm_layers()])
 
     @torch.no_grad()
     def diagnostics(self) -> dict[str, float]:
