@@ -10,7 +10,8 @@ GatedNIN:       the "no attention" ablation: c = nin(x + pos_emb) to 3C, max ove
 FlowppCouplingNet: conv3x3 -> blocks x [GatedConv, LayerNorm, GatedAttention | GatedNIN, LayerNorm] -> conv3x3
 DequantContextNet: x -> checkerboard halves stacked on channels -> conv3x3 to 32 -> 3 x GatedConv(conv3x3)
 
-"nin" is a 1x1 convolution.  LayerNorm normalises over channels at each position.
+"nin" is a 1x1 convolution.  LayerNorm normalises over channels at each position.  Dropout is
+``models.nets.dropout`` (``nn.Dropout``'s function with a cheaper mask on the CPU).
 The official code initialises every conv by data-dependent weight normalisation with an
 init scale of 0.1 on the residual outputs and the last layer; here the convs use
 PyTorch's default init and those layers are scaled down by 0.1 instead.
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.core.reshape import checkerboard_split
+from models.nets.dropout import Dropout
 
 
 def concat_elu(x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +52,7 @@ class GatedConv(nn.Module):
         super().__init__()
         self.c1 = nn.Conv2d(2 * channels, channels, 3, padding=1)
         self.a_proj = nn.Conv2d(2 * context_channels, channels, 1) if context_channels else None
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         k = 1 if use_nin else 3
         self.c2 = _scale_init(nn.Conv2d(2 * channels, 2 * channels, k, padding=k // 2), 0.1)
 
@@ -71,7 +73,7 @@ class GatedAttention(nn.Module):
             raise ValueError(f"{channels} channels do not split into {heads} heads")
         self.heads = heads
         self.proj1 = nn.Conv2d(channels, 3 * channels, 1)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.proj2 = _scale_init(nn.Conv2d(channels, 2 * channels, 1), 0.1)
 
     def forward(self, x, pos_emb):
@@ -89,7 +91,7 @@ class GatedNIN(nn.Module):
     def __init__(self, channels: int, heads: int = 0, dropout: float = 0.0):
         super().__init__()
         self.proj1 = nn.Conv2d(channels, 3 * channels, 1)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.proj2 = _scale_init(nn.Conv2d(channels, 2 * channels, 1), 0.1)
 
     def forward(self, x, pos_emb):
