@@ -46,7 +46,10 @@ def _inverse(weight: torch.Tensor) -> torch.Tensor:
 
 def _random_rotation(c: int) -> torch.Tensor:
     q, _ = torch.linalg.qr(torch.randn(c, c, dtype=torch.float64))
-    return q.float()
+    # row-major, as every other parameter (LAPACK returns column-major), and as the optimizer's moments
+    # read back from a checkpoint are: torch's fused Adam pairs a parameter with its moments by memory
+    # position (a column-major weight resumed with fused=True got wrong updates)
+    return q.float().contiguous()
 
 
 class InvertibleConv1x1(Transform):

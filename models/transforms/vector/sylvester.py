@@ -58,7 +58,8 @@ class SylvesterFlow(Transform):
             raise ValueError("num_ortho_vecs must be <= dim")
         self.m = m
         if kind == "orthogonal":
-            self.q_raw = nn.Parameter(torch.linalg.qr(torch.randn(dim, m))[0] + 0.1 * torch.randn(dim, m))
+            q = torch.linalg.qr(torch.randn(dim, m))[0] + 0.1 * torch.randn(dim, m)
+            self.q_raw = nn.Parameter(q.contiguous())  # row-major (LAPACK's Q is column-major), as every parameter
         elif kind == "householder":
             self.v = nn.Parameter(torch.randn(num_householder or dim, dim))
         self.r_off = nn.Parameter(0.1 * torch.randn(m, m))
