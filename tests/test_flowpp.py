@@ -18,7 +18,7 @@ from engine.config import load_config
 from models.architectures import build_model, flowpp
 from models.core.distributions import StandardNormal
 from models.core.flow import Flow
-from models.nets.flowpp_nets import FlowppCouplingNet
+from models.nets.flowpp_nets import FlowppCouplingNet, GatedAttention, glu
 from models.transforms.bijections.actnorm import ActNorm
 from models.transforms.bijections.checkerboard import CheckerboardMerge, CheckerboardSplit
 from models.transforms.bijections.conv1x1 import InvertibleConv1x1
@@ -159,6 +159,33 @@ def test_coupling_keeps_the_conditioning_half_and_inverts_in_float32():
     z, ldj = layer(x)
     assert torch.equal(z[:, :2], x[:, :2]) and not torch.allclose(z[:, 2:], x[:, 2:]) and ldj.dtype == torch.float32
     assert (layer.inverse(z) - x).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_glu_is_torchs_and_keeps_the_layout_of_its_gradient(layout, float64):
+    x = torch.randn(2, 6, 3, 5).contiguous(memory_format=layout).requires_grad_()
+    gy = torch.randn(2, 3, 3, 5).contiguous(memory_format=layout)
+    y = glu(x)
+    assert torch.allclose(y, torch.nn.functional.glu(x, dim=1)) and y.is_contiguous(memory_format=layout)
+    (g,) = torch.autograd.grad(y, x, gy)
+    (g_torch,) = torch.autograd.grad(torch.nn.functional.glu(x, dim=1), x, gy)
+    assert torch.allclose(g, g_torch) and g.is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_gated_attention_is_multi_head_attention_over_positions(layout, float64):
+    """softmax(Q K^T / sqrt(d)) V per head, the 3C channels of the first projection split as
+    (q | k | v, head, d), the heads' outputs concatenated head-major, then the gated projection."""
+    torch.manual_seed(0)
+    layer = GatedAttention(8, heads=2).eval()
+    x = torch.randn(2, 8, 3, 4).contiguous(memory_format=layout)
+    pos = torch.randn(1, 8, 3, 4)
+    qkv = layer.proj1(x + pos).reshape(2, 3, 2, 4, 12)  # (B, q|k|v, head, d, T)
+    q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # (B, head, T, d)
+    att = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1) @ v  # d = 4
+    a = att.transpose(-1, -2).reshape(2, 8, 3, 4)
+    expected = x + torch.nn.functional.glu(layer.proj2(a), dim=1)
+    assert torch.allclose(layer(x, pos), expected, atol=1e-12)
 
 
 def test_checkerboard_halves_are_column_parity(float64):
