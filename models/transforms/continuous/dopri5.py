@@ -25,7 +25,9 @@ App. B): the forward solve keeps no graph; the backward integrates from t1 to t0
     d/dt [y, a, g_theta, g_t] = [f, -a^T df/dy, -a^T df/dtheta, -a^T df/dt],   a(t1) = dL/dy(t1)
 
 with the same solver and tolerances, and an error norm over all of it (torchdiffeq's default:
-the max of |g_t|, the state norm of y and of a, and the RMS of each parameter's adjoint).
+the max of |g_t|, the state norm of y and of a, and the RMS of each parameter's adjoint).  A
+function may offer ``vjp(t, y, cotangents, params)`` -> (f, d/dt, d/dy, d/dparams), or None: the
+backward solve then takes f and its vector-Jacobian product from it instead of from autograd.
 
 Why not torchdiffeq's own loop: it flattens a tuple state into one vector on every evaluation,
 keeps the stages in a trailing dimension (strided sums) and casts every time value; with the
@@ -188,18 +190,25 @@ class _Adjoint(torch.autograd.Function):
         dtype = y1[0].dtype
         sizes = [p.numel() for p in params]
 
+        by_hand = getattr(func, "vjp", None)  # f's product written out, where func offers it (else None)
+
         def dynamics(t: torch.Tensor, aug: States) -> States:
             y, adj = aug[1:1 + n], aug[1 + n:1 + 2 * n]
-            with torch.enable_grad():
-                t_ = t.detach().requires_grad_(t_grad)
-                y_ = tuple(v.detach().requires_grad_(True) for v in y)
-                f = func(t_, y_)
-                inputs = ((t_,) if t_grad else ()) + y_ + params
-                grads = torch.autograd.grad(f, inputs, tuple(-a for a in adj), allow_unused=True)
-            vjp_t = grads[0] if t_grad and grads[0] is not None else t.new_zeros(())
-            grads = grads[1:] if t_grad else grads
-            vjp_y = tuple(torch.zeros_like(v) if g is None else g for v, g in zip(y_, grads[:n]))
-            vjp_p = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads[n:])]
+            out = None if by_hand is None else by_hand(t, y, tuple(-a for a in adj), params)
+            if out is not None:
+                f, vjp_t, vjp_y, vjp_p = out
+                vjp_t = vjp_t if t_grad else t.new_zeros(())
+            else:
+                with torch.enable_grad():
+                    t_ = t.detach().requires_grad_(t_grad)
+                    y_ = tuple(v.detach().requires_grad_(True) for v in y)
+                    f = func(t_, y_)
+                    inputs = ((t_,) if t_grad else ()) + y_ + params
+                    grads = torch.autograd.grad(f, inputs, tuple(-a for a in adj), allow_unused=True)
+                vjp_t = grads[0] if t_grad and grads[0] is not None else t.new_zeros(())
+                grads = grads[1:] if t_grad else grads
+                vjp_y = tuple(torch.zeros_like(v) if g is None else g for v, g in zip(y_, grads[:n]))
+                vjp_p = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads[n:])]
             flat = torch.cat([g.reshape(-1) for g in vjp_p]) if params else aug[-1]
             return (vjp_t.reshape(()).to(dtype), *(v.detach() for v in f), *vjp_y, flat)
 

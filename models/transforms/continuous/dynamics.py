@@ -14,12 +14,18 @@ about a solve is stored on the persistent module.  Every evaluation of f runs in
 states' precision with autocast off (under ``train.mixed_precision=bf16`` too), on a state
 in ``state_format`` (the CNF's memory layout; a solver that hands over views of a flat
 vector, as torchdiffeq's do, gets them converted).
+For a net that ``models.nets.ode_net_closed_form`` covers (FFJORD's concat convolutions with
+softplus) with the Hutchinson trace and no regulariser states, f and its trace in the forward
+solve, and f with the vector-Jacobian product of the adjoint's backward solve (``rates_vjp``,
+offered to ``dopri5`` by ``Solve.vjp``), are written out instead of built by autograd: the same
+numbers without an autograd graph per evaluation.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from models.nets import ode_net_closed_form as closed_form
 from models.transforms.continuous.regularizers import kinetic_energy_rate
 from models.transforms.continuous.trace import exact_trace, hutchinson_trace
 
@@ -29,6 +35,7 @@ class AugmentedDynamics(nn.Module):
         super().__init__()
         self.net = net
         self.state_format = torch.contiguous_format  # set by CNF.use_memory_format
+        self.by_hand = closed_form.supports(net)  # f, its trace and their product written out (below)
 
     def solve(self, trace: str = "exact", noise: torch.Tensor | None = None) -> "Solve":
         if trace == "hutchinson" and noise is None:
@@ -43,13 +50,23 @@ class AugmentedDynamics(nn.Module):
         with torch.autocast(device_type=states[0].device.type, enabled=False):
             return self._rates(t, states, trace, noise)
 
-    def _rates(self, t, states, trace, noise):
-        z = states[0]
+    def _state(self, z: torch.Tensor) -> torch.Tensor:
         if z.dim() == 4 and not z.is_contiguous(memory_format=self.state_format):
             z = z.contiguous(memory_format=self.state_format)
+        return z
+
+    def _written_out(self, states, trace: str) -> bool:
+        """(z, dlogp) with the Hutchinson trace of a net ``ode_net_closed_form`` covers."""
+        return self.by_hand and len(states) == 2 and trace == "hutchinson"
+
+    def _rates(self, t, states, trace, noise):
+        z = self._state(states[0])
         if len(states) == 1:
             return (self.net(t, z),)
         outer_grad = torch.is_grad_enabled()  # off: eval, or the adjoint's forward solve
+        if not outer_grad and self._written_out(states, trace):
+            f, tr = closed_form.hutchinson(self.net, t, z, noise)
+            return f, -tr
         with torch.enable_grad():
             if not (outer_grad and z.requires_grad):  # (a view made under no_grad can claim requires_grad)
                 z = z.detach().requires_grad_(True)
@@ -64,6 +81,20 @@ class AugmentedDynamics(nn.Module):
         if not outer_grad:
             rates = [r.detach() for r in rates]
         return tuple(rates)
+
+
+    def rates_vjp(self, t, states, cotangents, params, trace: str, noise):
+        """(rates, d/dt, d/dstates, d/dparams) of <cotangents, rates>, written out
+        (``models.nets.ode_net_closed_form``), or None where autograd must do it."""
+        if not self._written_out(states, trace):
+            return None
+        with torch.autocast(device_type=states[0].device.type, enabled=False):
+            z = self._state(states[0])
+            c_f = cotangents[0].contiguous(memory_format=self.state_format) if z.dim() == 4 else cotangents[0]
+            f, tr, d_z, d_t, grads = closed_form.hutchinson_vjp(self.net, t, z, noise, c_f, -cotangents[1])
+        if any(p not in grads for p in params):
+            return None
+        return (f, -tr), d_t, (d_z, torch.zeros_like(states[1])), [grads[p] for p in params]
 
 
 class Solve(nn.Module):
@@ -84,3 +115,10 @@ class Solve(nn.Module):
     def forward(self, t: torch.Tensor, states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         self.nfe[self._phase] += 1
         return self.dynamics.rates(t, states, self.trace, self.noise)
+
+    def vjp(self, t, states, cotangents, params):
+        """The adjoint's evaluation written out where the net allows (``AugmentedDynamics.rates_vjp``), else None."""
+        out = self.dynamics.rates_vjp(t, states, cotangents, params, self.trace, self.noise)
+        if out is not None:
+            self.nfe[self._phase] += 1
+        return out
