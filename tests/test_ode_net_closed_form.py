@@ -69,6 +69,7 @@ def test_the_dynamics_take_it_only_for_the_hutchinson_trace_without_regularisers
     assert dyn.rates_vjp(t, (z, zeros), cot, tuple(dyn.net.parameters()), "hutchinson", e) is not None
     assert dyn.rates_vjp(t, (z, zeros), cot, tuple(dyn.net.parameters()), "exact", None) is None
     assert dyn.rates_vjp(t, (z, zeros, zeros, zeros), cot, tuple(dyn.net.parameters()), "hutchinson", e) is None
+    assert dyn.rates_vjp(t, (z, zeros), cot, (torch.nn.Parameter(torch.zeros(1)),), "hutchinson", e) is None  # not the net's
     # its rates are the autograd rates
     with torch.no_grad():
         by_hand = dyn.rates(t, (z, zeros), "hutchinson", e)

@@ -6,9 +6,8 @@ The same function and distribution as ``nn.Dropout``.  On a CPU torch draws the 
 ``bernoulli_``: one call of the generator per element in a serial loop (5.8 ms for a
 4 x 192 x 32 x 32 mask on the 2-core AVX-512 machine of the README, where Flow++'s dropout was 8.6%
 of a paper-config step).  Here the mask comes from 64-bit random words of the same generator, each
-cut into two 32-bit uniforms u (``random_``: 1.1 ms for the same mask with 16-bit halves, 4x fewer
-generator calls than elements would be, but 2^-16 too coarse for p); an element is dropped when
-u < k with k = round(p 2^32), so P(drop) = k / 2^32 (p to 2^-32, finer than ``torch.rand``'s 2^-24)
+cut into two 32-bit uniforms u (half the generator calls: 1.9 ms for the same mask); an element is
+dropped when u < k with k = round(p 2^32), so P(drop) = k / 2^32 (p to 2^-32, finer than ``torch.rand``'s 2^-24)
 and the scale is 1 / (1 - k / 2^32): E[y] = x exactly.  The mask is kept as booleans for the
 backward (``nn.Dropout`` keeps a float mask: 4x the memory).  It follows x's memory layout (an
 NHWC activation gets an NHWC mask), so its draws differ from ``nn.Dropout``'s and between layouts

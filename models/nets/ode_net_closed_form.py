@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.nets import conv2d
+from models.nets.ode_nets import ConcatLayer, ODENet, is_nhwc, sum_batch
 from models.nets.softplus import Softplus
 
 _BETA, _THRESHOLD = 1.0, 20.0
@@ -44,24 +45,16 @@ _BETA, _THRESHOLD = 1.0, 20.0
 
 def supports(net: nn.Module) -> bool:
     """An ODENet of concat 3x3 convolutions (padding 1, with bias) and softplus."""
-    from models.nets.ode_nets import ConcatLayer, ODENet
     return (isinstance(net, ODENet) and isinstance(net.activation, Softplus) and all(
         isinstance(layer, ConcatLayer) and isinstance(layer.layer, nn.Conv2d) and layer.layer.bias is not None
         and layer.layer.kernel_size == (3, 3) and layer.layer.padding == (1, 1) for layer in net.layers))
-
-
-def _sum_batch(g: torch.Tensor) -> torch.Tensor:
-    """sum over the batch as a (1, C, H, W) map, in g's memory order (an NHWC sum into NCHW is strided)."""
-    if g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous():
-        return g.permute(0, 2, 3, 1).sum(0, keepdim=True).permute(0, 3, 1, 2)
-    return g.sum(0, keepdim=True)
 
 
 class _Layers:
     """Per layer: Wx in x's layout, Wt, b, and the time map m = Wt * 1 (one evaluation's constants)."""
 
     def __init__(self, net: nn.Module, x: torch.Tensor):
-        nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        nhwc = is_nhwc(x)
         ones = torch.ones((1, 1, *x.shape[2:]), device=x.device, dtype=x.dtype)
         self.ones, self.wx, self.wt, self.bias, self.maps = ones, [], [], [], []
         for layer in net.layers:
@@ -134,7 +127,7 @@ def hutchinson_vjp(net: nn.Module, t: torch.Tensor, z: torch.Tensor, e: torch.Te
     for l in range(n, 0, -1):
         layer = net.layers[l - 1].layer
         d_wx[l - 1] = d_wx[l - 1] + conv2d._grads(ub, hs[l - 1], layers.wx[l - 1], 1, [False, True])[1]
-        g = _sum_batch(ub)
+        g = sum_batch(ub)
         d_wt = conv2d._grads(g * t, layers.ones, layers.wt[l - 1], 1, [False, True])[1]
         grads[layer.weight] = torch.cat([d_wt, d_wx[l - 1].contiguous()], dim=1)
         grads[layer.bias] = g.sum(dim=(0, 2, 3))

@@ -41,8 +41,16 @@ def _base_layer(dim_in: int, dim_out: int, conv: bool) -> nn.Module:
     return nn.Conv2d(dim_in, dim_out, kernel_size=3, padding=1) if conv else nn.Linear(dim_in, dim_out)
 
 
-def _is_nhwc(x: torch.Tensor) -> bool:
+def is_nhwc(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def sum_batch(g: torch.Tensor) -> torch.Tensor:
+    """sum_b g_b as a (1, C, H, W) map, summed in g's memory order (aten's broadcast reduction of an
+    NHWC gradient into an NCHW map is a strided sum, 10x slower)."""
+    if is_nhwc(g):
+        return g.permute(0, 2, 3, 1).sum(0, keepdim=True).permute(0, 3, 1, 2)
+    return g.sum(0, keepdim=True)
 
 
 class _AddMap(torch.autograd.Function):
@@ -59,9 +67,7 @@ class _AddMap(torch.autograd.Function):
     def backward(ctx, grad):
         if not will_use(ctx)[1]:  # (a vector-Jacobian product for z alone: no map gradient)
             return grad, None
-        if _is_nhwc(grad):
-            return grad, grad.permute(0, 2, 3, 1).sum(0, keepdim=True).permute(0, 3, 1, 2)
-        return grad, grad.sum(0, keepdim=True)
+        return grad, sum_batch(grad)
 
 
 class ConcatLayer(nn.Module):
@@ -79,10 +85,10 @@ class ConcatLayer(nn.Module):
             time_map = F.conv2d(ones, weight[:, :1], padding=self.layer.padding)  # W_t 1: (1, C_out, H, W)
             shift = t * time_map if bias is None else t * time_map + bias.view(1, -1, 1, 1)  # b + t W_t 1
             weight_x = weight[:, 1:]
-            if _is_nhwc(x):  # the kernels' layout, made once here rather than in every call that reads it
+            if is_nhwc(x):  # the kernels' layout, made once here rather than in every call that reads it
                 weight_x = weight_x.contiguous(memory_format=torch.channels_last)
             y = conv2d(x, weight_x, padding=self.layer.padding[0])  # closed-form 2nd derivatives
-            if _is_nhwc(y):
+            if is_nhwc(y):
                 shift = shift.contiguous(memory_format=torch.channels_last)  # one layout for the add
             return _AddMap.apply(y, shift)
         return F.linear(x, weight[:, 1:], bias) + t * weight[:, 0]

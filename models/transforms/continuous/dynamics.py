@@ -86,14 +86,12 @@ class AugmentedDynamics(nn.Module):
     def rates_vjp(self, t, states, cotangents, params, trace: str, noise):
         """(rates, d/dt, d/dstates, d/dparams) of <cotangents, rates>, written out
         (``models.nets.ode_net_closed_form``), or None where autograd must do it."""
-        if not self._written_out(states, trace):
+        if not self._written_out(states, trace) or not set(params) <= set(self.net.parameters()):
             return None
         with torch.autocast(device_type=states[0].device.type, enabled=False):
             z = self._state(states[0])
             c_f = cotangents[0].contiguous(memory_format=self.state_format) if z.dim() == 4 else cotangents[0]
             f, tr, d_z, d_t, grads = closed_form.hutchinson_vjp(self.net, t, z, noise, c_f, -cotangents[1])
-        if any(p not in grads for p in params):
-            return None
         return (f, -tr), d_t, (d_z, torch.zeros_like(states[1])), [grads[p] for p in params]
 
 

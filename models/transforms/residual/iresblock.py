@@ -92,8 +92,7 @@ class InvertibleResidualBlock(Transform):
     def after_optimizer_step_all(cls, layers: list["InvertibleResidualBlock"]) -> None:
         """The power iterations of every block's layers in step: one host read per round for
         all of them (``models.nets.lipschitz.power_iterate``), not one per layer."""
-        with torch.no_grad():
-            power_iterate([m for block in layers for m in block.spectral_norm_layers()])
+        power_iterate([m for block in layers for m in block.spectral_norm_layers()])  # (under no_grad)
 
     @torch.no_grad()
     def diagnostics(self) -> dict[str, float]:
