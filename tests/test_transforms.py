@@ -403,3 +403,19 @@ def test_folded_conv_actnorm_and_zero_conv_equal_the_unfolded_layers(edge_paddin
         assert torch.allclose(module(x), reference(x), atol=1e-12)
         for a, b in zip(folded, unfolded):
             assert torch.allclose(a, b, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_edge_padded_conv_is_the_conv_of_the_padded_input_and_mask(layout, float64):
+    """conv([pad(x), m]) with m = 1 on the padding: values and every gradient, either layout."""
+    conv = EdgePaddedConv2d(3, 5, 3)
+    torch.nn.init.normal_(conv.bias)
+    x = torch.randn(2, 3, 6, 7).contiguous(memory_format=layout).requires_grad_()
+    mask = torch.nn.functional.pad(torch.zeros(2, 1, 6, 7), (1, 1, 1, 1), value=1.0)
+    expected = torch.nn.functional.conv2d(torch.cat([torch.nn.functional.pad(x, (1, 1, 1, 1)), mask], 1), conv.weight, conv.bias)
+    out = conv(x)
+    assert torch.allclose(out, expected, atol=1e-12)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, conv.weight, conv.bias), g)
+    want = torch.autograd.grad(expected, (x, conv.weight, conv.bias), g)
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(got, want))

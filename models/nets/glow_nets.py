@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.nets.actnorm import ActNorm2d
+from models.nets.batch_map import add_batch_map
 
 
 class EdgePaddedConv2d(nn.Conv2d):
@@ -43,7 +44,7 @@ class EdgePaddedConv2d(nn.Conv2d):
         h, w = x.shape[2:]
         out = F.conv2d(x, weight[:, :-1], None, padding=p)
         pad_mask = F.pad(torch.zeros(1, 1, h, w, device=x.device, dtype=x.dtype), (p, p, p, p), value=1.0)
-        return out + F.conv2d(pad_mask, weight[:, -1:], bias)
+        return add_batch_map(out, F.conv2d(pad_mask, weight[:, -1:], bias))  # in out's layout, both ways
 
 
 def _scaled(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor | None = None):

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.nets import conv2d
-from models.nets.ode_nets import ConcatLayer, ODENet, is_nhwc, sum_batch
+from models.nets.batch_map import is_nhwc, sum_batch
+from models.nets.ode_nets import ConcatLayer, ODENet
 from models.nets.softplus import Softplus
 
 _BETA, _THRESHOLD = 1.0, 20.0

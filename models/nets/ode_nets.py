@@ -8,8 +8,8 @@ channel (feature) holding t everywhere, placed first:
 computed as the right-hand side: the wide layer reads the C channels of x, not C + 1, and the time
 channel's part is t times W_t applied to a map of ones (with the same zero padding, so border
 positions see fewer taps), a (1, C_out, H, W) map computed at batch 1 per call; the bias joins
-that map, which is added to the convolution's output in place (``_AddMap``: the bias gradient is
-not summed over the batch a second time, and no second batch-sized tensor is made).  Same parameters and
+that map, which is added to the convolution's output in place (``batch_map.add_batch_map``: the bias
+gradient is not summed over the batch a second time, and no second batch-sized tensor is made).  Same parameters and
 the same function as the concatenation; an odd C + 1 = 65 is a slow width for the vectorised
 convolution kernels (1.3-1.5x the time of 64 on an AVX-512 CPU).
 
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.nets.batch_map import add_batch_map, is_nhwc
 from models.nets.conv2d import conv2d
-from models.nets.formula_grad import will_use
 from models.nets.softplus import Softplus
 
 LAYER_TYPES = ("concat", "concatsquash")
@@ -39,35 +39,6 @@ NONLINEARITIES = {"softplus": Softplus, "tanh": nn.Tanh, "elu": nn.ELU, "relu": 
 
 def _base_layer(dim_in: int, dim_out: int, conv: bool) -> nn.Module:
     return nn.Conv2d(dim_in, dim_out, kernel_size=3, padding=1) if conv else nn.Linear(dim_in, dim_out)
-
-
-def is_nhwc(x: torch.Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-
-
-def sum_batch(g: torch.Tensor) -> torch.Tensor:
-    """sum_b g_b as a (1, C, H, W) map, summed in g's memory order (aten's broadcast reduction of an
-    NHWC gradient into an NCHW map is a strided sum, 10x slower)."""
-    if is_nhwc(g):
-        return g.permute(0, 2, 3, 1).sum(0, keepdim=True).permute(0, 3, 1, 2)
-    return g.sum(0, keepdim=True)
-
-
-class _AddMap(torch.autograd.Function):
-    """y + m for a batch y (B, C, H, W) and one map m (1, C, H, W), in place on y (no second
-    batch-sized tensor); dL/dm = sum_b dL/dy_b, summed in the gradient's memory order (aten's
-    broadcast reduction writes an NCHW map: for an NHWC gradient a strided sum, 10x slower)."""
-
-    @staticmethod
-    def forward(ctx, y, m):
-        ctx.mark_dirty(y)
-        return y.add_(m)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if not will_use(ctx)[1]:  # (a vector-Jacobian product for z alone: no map gradient)
-            return grad, None
-        return grad, sum_batch(grad)
 
 
 class ConcatLayer(nn.Module):
@@ -88,9 +59,7 @@ class ConcatLayer(nn.Module):
             if is_nhwc(x):  # the kernels' layout, made once here rather than in every call that reads it
                 weight_x = weight_x.contiguous(memory_format=torch.channels_last)
             y = conv2d(x, weight_x, padding=self.layer.padding[0])  # closed-form 2nd derivatives
-            if is_nhwc(y):
-                shift = shift.contiguous(memory_format=torch.channels_last)  # one layout for the add
-            return _AddMap.apply(y, shift)
+            return add_batch_map(y, shift)
         return F.linear(x, weight[:, 1:], bias) + t * weight[:, 0]
 
 
