@@ -39,6 +39,29 @@ def profiled_run(common, warmup: int, top: int, results: list):
     return run
 
 
+def run_harness(family: str, refbench: str, refs: str, config: str, batch: int, threads: int, stand_in) -> None:
+    """Run ``family``'s refbench harness in this process with its timing loop ``_common.run``
+    replaced by ``stand_in(_common)`` (called as the harness calls ``run``: name, args, model,
+    train_step, eval_bpd, sample, info).  Missing folders are ``FlowlabError``s."""
+    spec = FAMILIES[family]
+    harness = os.path.join(os.path.abspath(refbench), spec["harness"])
+    ref_dir = os.path.join(os.path.abspath(refs), spec["ref_dir"])
+    for path, what in ((harness, "refbench harness"), (ref_dir, "reference checkout")):
+        if not os.path.exists(path):
+            raise FlowlabError(f"{what} not found: {path}")
+    sys.path.insert(0, os.path.dirname(harness))
+    import _common  # the harness's helpers (on the path just above)
+
+    # the reference's top-level packages may share names with ours (IDF's ``models``): ours,
+    # already imported for the profiler helpers, leave sys.modules so the harness imports its own
+    own = {n[:-3] if n.endswith(".py") else n for n in os.listdir(ref_dir)}
+    for key in [k for k in sys.modules if k.split(".")[0] in own]:
+        del sys.modules[key]
+    _common.run = stand_in(_common)
+    sys.argv = [harness, "--ref-dir", ref_dir, "--config", config, "--batch", str(batch), "--threads", str(threads)]
+    runpy.run_path(harness, run_name="__main__")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("family", choices=sorted(FAMILIES))
@@ -51,29 +74,13 @@ def main():
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
-    spec = FAMILIES[args.family]
-    harness = os.path.join(os.path.abspath(args.refbench), spec["harness"])
-    ref_dir = os.path.join(os.path.abspath(args.refs), spec["ref_dir"])
-    for path, what in ((harness, "refbench harness"), (ref_dir, "reference checkout")):
-        if not os.path.exists(path):
-            raise FlowlabError(f"{what} not found: {path}")
     if args.warmup < 0 or args.top < 1 or args.batch < 1:
         raise FlowlabError("--warmup must be >= 0, --top and --batch >= 1")
-    sys.path.insert(0, os.path.dirname(harness))
-    import _common  # the harness's helpers (on the path just above)
-
-    # the reference's top-level packages may share names with ours (IDF's ``models``): ours,
-    # already imported for the profiler helpers, leave sys.modules so the harness imports its own
-    own = {n[:-3] if n.endswith(".py") else n for n in os.listdir(ref_dir)}
-    for key in [k for k in sys.modules if k.split(".")[0] in own]:
-        del sys.modules[key]
     results: list = []
-    _common.run = profiled_run(_common, args.warmup, args.top, results)
-    sys.argv = [harness, "--ref-dir", ref_dir, "--config", args.config, "--batch", str(args.batch),
-                "--threads", str(args.threads)]
-    runpy.run_path(harness, run_name="__main__")
+    run_harness(args.family, args.refbench, args.refs, args.config, args.batch, args.threads,
+                lambda common: profiled_run(common, args.warmup, args.top, results))
     if not results:
-        raise FlowlabError(f"{spec['harness']} never reached its training loop")
+        raise FlowlabError(f"{FAMILIES[args.family]['harness']} never reached its training loop")
     name, summary = results[0]
     print_report(f"{name} ({args.config} config, batch {args.batch})", summary, None)
     out = {"family": args.family, "reference": name, "config": args.config, "batch": args.batch, **summary}
