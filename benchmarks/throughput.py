@@ -101,6 +101,7 @@ def measure(cfg: RunConfig, data: ImageDataset, steps: int, warmup: int, sample_
         sample_seconds = time.perf_counter() - start
         peak_mb, memory_kind = peak_memory(device)
         compiled, fallback = is_compiled(trainer.model), compile_fallback(trainer.model)
+        cpu_malloc = trainer.cpu_malloc
         if cfg.train.compile != "none" and cfg.model["name"] in EAGER_FAMILIES:
             fallback = "not compiled: " + EAGER_FAMILIES[cfg.model["name"]]
     sec_per_step = statistics.median(times[1 + warmup:])
@@ -109,7 +110,7 @@ def measure(cfg: RunConfig, data: ImageDataset, steps: int, warmup: int, sample_
             "compile_seconds": round(max(times[0] - sec_per_step, 0.0), 4) if compiled else 0.0,
             "compile_fallback": fallback, "nonfinite_steps": int((~torch.stack(flags)).sum()),
             "sample_n": sample_n, "sample_seconds": round(sample_seconds, 4),
-            "peak_memory_mb": round(peak_mb, 1), "memory_kind": memory_kind,
+            "peak_memory_mb": round(peak_mb, 1), "memory_kind": memory_kind, "cpu_malloc": cpu_malloc,
             "diagnostics": {k: round(float(v), 5) for k, v in diagnostics.items()}}
 
 

@@ -32,6 +32,7 @@ from common.ranges import ANY, Range, above, at_least, between, each
 from data import LOADERS, VECTOR_LOADERS, toy2d
 from data.imagenet import VERSIONS as IMAGENET_VERSIONS
 from engine.compile import BACKENDS as COMPILE_BACKENDS, MODES as COMPILE_MODES
+from engine.cpu_malloc import MODES as CPU_MALLOC_MODES
 from engine.config_migrations import upgrade
 from engine.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
 from models.architectures import ARCHITECTURES, architecture, dequantizer_ranges, dequantizer_section
@@ -79,6 +80,7 @@ DEFAULTS = {
         "compile": "none",       # none | default | max-autotune-no-cudagraphs: torch.compile of the model's forward (engine/compile.py)
         "compile_backend": "inductor",  # inductor | aot_eager | eager (Dynamo only: graph breaks, CPU tests)
         "memory_format": "contiguous",  # contiguous | channels_last: the conditioner networks' layout (models.core.memory_format)
+        "cpu_malloc": "tuned",   # tuned | default: glibc keeps freed blocks for reuse on a CPU run (engine/cpu_malloc.py)
         "activation_memory": "store",  # what the backward keeps (models.core.activation_memory): store
                                  # (plain autograd) | checkpoint (each top-level layer recomputed) |
                                  # invertible (inputs rebuilt by the layers' own inverses; others checkpointed)
@@ -135,6 +137,7 @@ CHOICES = {
     ("train", "compile_backend"): COMPILE_BACKENDS,
     ("train", "activation_memory"): ACTIVATION_MEMORY_MODES,
     ("train", "memory_format"): MEMORY_FORMATS,
+    ("train", "cpu_malloc"): CPU_MALLOC_MODES,
 }
 
 

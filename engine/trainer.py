@@ -51,6 +51,7 @@ from engine.checkpoint import TrainingState, checkpoint_path
 from engine.checkpoint_store import CheckpointStore, clean_temp_files
 from engine.config import save_config
 from engine.compile import compile_forward
+from engine.cpu_malloc import apply_cpu_malloc
 from engine.ema import EMA
 from common.errors import FlowlabError
 from engine.evaluate import seeded
@@ -87,6 +88,8 @@ class Trainer:
             raise FlowlabError(f"train.batch_size={t.batch_size} is not divisible by {self.world} process(es) x "
                                f"train.grad_accum_steps={t.grad_accum_steps}")
         self.micro_batch_size = t.batch_size // (self.world * t.grad_accum_steps)
+        # before the model and data take their memory; process-wide (engine/cpu_malloc.py)
+        self.cpu_malloc = apply_cpu_malloc(t.cpu_malloc) if self.acc.device.type == "cpu" else "not a CPU run"
         torch.manual_seed(t.seed)
         self.data = data if data is not None else load_data(self.cfg)
         self.model = make_model(self.cfg, self.data.shape, self.data.n_bits)
