@@ -17,8 +17,8 @@ process keeps the heap of its peak (its resident memory does not shrink after a 
 heap's fragmentation can raise the peak itself (Residual Flows +8-14% peak RSS, measured).
 ``default`` leaves glibc's settings alone.  Nothing is changed when the user chose the allocator's
 settings (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_`` or
-``GLIBC_TUNABLES`` in the environment), preloaded another allocator (``LD_PRELOAD``: jemalloc,
-tcmalloc), or the C library is not glibc.  A process has one allocator, so this is process-wide by
+``GLIBC_TUNABLES`` in the environment), preloaded another allocator (an ``LD_PRELOAD`` naming
+jemalloc, tcmalloc, mimalloc, ...), or the C library is not glibc.  A process has one allocator, so this is process-wide by
 nature, like ``torch.set_num_threads``; the trainer applies it at its start and nothing else does.
 """
 from __future__ import annotations
@@ -29,7 +29,16 @@ import os
 MODES = ("tuned", "default")
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
 THRESHOLD_BYTES = 1 << 30
-USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES", "LD_PRELOAD")
+USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
+
+
+def _user_setting(environ) -> str | None:
+    """The variable through which the user chose the allocator's settings, if any (a preloaded
+    library counts when it is an allocator: jemalloc, tcmalloc, mimalloc, ...)."""
+    for name in USER_SETTINGS:
+        if environ.get(name):
+            return name
+    return "LD_PRELOAD" if "malloc" in environ.get("LD_PRELOAD", "") else None
 
 
 def apply_cpu_malloc(mode: str, environ=os.environ) -> str:
@@ -39,9 +48,9 @@ def apply_cpu_malloc(mode: str, environ=os.environ) -> str:
         raise ValueError(f"unknown cpu_malloc mode {mode!r}; use one of {MODES}")
     if mode == "default":
         return "default"
-    for name in USER_SETTINGS:
-        if environ.get(name):
-            return f"user: {name}"
+    user = _user_setting(environ)
+    if user:
+        return f"user: {user}"
     try:
         libc_version = os.confstr("CS_GNU_LIBC_VERSION")
     except (ValueError, OSError, AttributeError):  # not a glibc system (macOS, Windows, musl)
