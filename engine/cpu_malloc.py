@@ -19,7 +19,8 @@ heap's fragmentation can raise the peak itself (Residual Flows +8-14% peak RSS, 
 settings (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_`` or
 ``GLIBC_TUNABLES`` in the environment), preloaded another allocator (an ``LD_PRELOAD`` naming
 jemalloc, tcmalloc, mimalloc, ...), or the C library is not glibc.  A process has one allocator, so this is process-wide by
-nature, like ``torch.set_num_threads``; the trainer applies it at its start and nothing else does.
+nature, like ``torch.set_num_threads``; the trainer applies it at its start, and ``engine.run.load_run``
+(eval.py, sample.py, the codecs) when it loads a run onto the CPU; nothing else does.
 """
 from __future__ import annotations
 

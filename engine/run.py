@@ -4,7 +4,8 @@
 only that was shared), a checkpoint file (``best.pt``, ``checkpoints/step_N.pt``) or an
 exported ``model.safetensors`` (``engine.model_file``).  Nothing it reads can run code
 (``engine.checkpoint``).  Refused with one line: weights that are not finite, and a
-checkpoint whose model is not the one its run directory's ``config.yaml`` describes.
+checkpoint whose model is not the one its run directory's ``config.yaml`` describes.  On the CPU
+the run's ``train.cpu_malloc`` is applied (``engine.cpu_malloc``), as the trainer does.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from common.errors import FlowlabError
 from engine import tensor_file
 from engine.checkpoint import TrainingState, checkpoint_path, load_model_state
 from engine.config import resolve
+from engine.cpu_malloc import apply_cpu_malloc
 from engine.ema import EMA
 from engine.model_file import KIND as MODEL_KIND, MODEL_FILE_NAME, ModelFile
 from engine.sections import RunConfig
@@ -107,4 +109,6 @@ def load_run(path: str, use_ema: bool = True, device: str | torch.device = "cpu"
         info = {"step": state.step, "images_seen": state.images_seen, "ema": with_ema, "num_params": state.num_params,
                 "world_size": state.world_size}
     _check_finite(model, source)
+    if torch.device(device).type == "cpu":  # the run's allocator setting for its evaluation and sampling too
+        apply_cpu_malloc(cfg.train.cpu_malloc)
     return cfg, model.to(device).eval(), info

@@ -75,7 +75,7 @@ def test_a_preloaded_library_that_is_no_allocator_does_not_count():
     assert status in ("tuned", "unavailable: not glibc")
 
 
-def test_the_trainer_applies_it_on_the_cpu(tmp_path):
+def test_the_trainer_and_load_run_apply_it_on_the_cpu(tmp_path, monkeypatch):
     from engine.config import load_config
     from engine.trainer import Trainer
     from tests.helpers import SUBSET
@@ -83,8 +83,17 @@ def test_the_trainer_applies_it_on_the_cpu(tmp_path):
                  "train.init_batch_size=2", "data.name=npz", f"data.path={SUBSET}", "data.max_train=8", "data.max_test=8"]
     for mode in ("default", "tuned"):
         cfg = load_config(os.path.join(ROOT, "experiments/glow_small.yaml"), overrides + [f"train.cpu_malloc={mode}"])
+        (tmp_path / mode).mkdir()
         trainer = Trainer(cfg, str(tmp_path / mode), tensorboard=False)
         user = _user_setting(os.environ)
         expected = "default" if mode == "default" else (f"user: {user}" if user else
                                                           "tuned" if _is_glibc() else "unavailable: not glibc")
         assert trainer.cpu_malloc == expected
+        trainer.save()
+    # eval.py / sample.py load the run: its setting is applied on the CPU, not elsewhere
+    import engine.run
+    applied = []
+    monkeypatch.setattr(engine.run, "apply_cpu_malloc", applied.append)
+    engine.run.load_run(str(tmp_path / "default"), device="cpu")
+    engine.run.load_run(str(tmp_path / "tuned"), device="meta")
+    assert applied == ["default"]
