@@ -254,8 +254,14 @@ def main():
     rows = [evaluate_run(d, args.split, args.batch_size, device, not args.no_ema, args.iw_samples, args.iw_chunk,
                          args.max_examples, accelerator, args.eval_dir, args.chunk_images, args.max_chunks,
                          args.seed, args.fresh) for d in args.run_dirs]
-    if accelerator is not None and not accelerator.is_main_process:
-        return
+    if accelerator is not None:
+        # every rank tears the process group down now, together: left to interpreter exit, the
+        # collective backend's threads can abort a finished process (SIGABRT, "terminate called")
+        main = accelerator.is_main_process
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        if not main:
+            return
     stopped = [r for r in rows for part in (r, r.get("iw") or {}) if part.get("complete") is False]
     if stopped:
         for r in stopped:
