@@ -43,7 +43,7 @@ from benchmarks.profile_reference import run_harness
 from benchmarks.reference_race import FAMILIES
 from benchmarks.throughput import get_data, sync
 from common.errors import FlowlabError
-from engine.cli import run_cli
+from engine.cli import check_output_file, run_cli
 from engine.config import load_config
 from engine.sections import RunConfig
 from engine.trainer import Trainer
@@ -120,6 +120,9 @@ def ours(cfg: RunConfig, args) -> tuple[dict, torch.device, torch.dtype]:
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, run_dir, data=data, tensorboard=False)
         device, calls = trainer.acc.device, iter(range(10 ** 9))
+        if args.reference and device.type != "cpu":  # before minutes of measuring
+            raise FlowlabError(f"--reference compares on the CPU (the harnesses run there); this run is on {device}: "
+                               "set ACCELERATE_USE_CPU=1")
         model = trainer.model
 
         def sample():
@@ -194,6 +197,8 @@ def main():
         raise FlowlabError("--warmup must be >= 0, --steps, --sample-runs and --sample-n >= 1")
     if args.reference and not (args.refbench and args.refs):
         raise FlowlabError("--reference needs --refbench and --refs")
+    if args.json:
+        check_output_file(args.json, "--json")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = RunConfig.from_resolved(load_config(args.config, args.overrides))
@@ -203,9 +208,6 @@ def main():
     mine, device, dtype = ours(cfg, args)
     rate = gemm_rate(dtype, device)
     rows = [("ours", floors(mine, rate))]
-    if args.reference and device.type != "cpu":
-        raise FlowlabError(f"--reference compares on the CPU (the harnesses run there); this run is on {device}: "
-                           "set ACCELERATE_USE_CPU=1")
     if args.reference:
         name, theirs = reference(args)
         ref_rate = rate if dtype == torch.float32 else gemm_rate(torch.float32, torch.device("cpu"))

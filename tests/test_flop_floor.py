@@ -63,7 +63,8 @@ def test_ours_against_a_reference_end_to_end(tmp_path):
 
 
 def test_bad_arguments_are_one_line(tmp_path):
-    for argv, message in ((["--steps", "0"], "--steps"), (["--reference", "idf"], "--reference needs --refbench")):
+    for argv, message in ((["--steps", "0"], "--steps"), (["--reference", "idf"], "--reference needs --refbench"),
+                          (["--json", str(tmp_path / "none" / "f.json")], "does not exist")):
         proc = _run(*TINY, *argv)
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode != 0 and lines[-1].startswith("error:") and message in lines[-1], proc.stderr
