@@ -447,6 +447,56 @@ def test_the_eval_weight_cache_follows_the_weight():
     assert conv._eval_weight_cache is None
 
 
+def test_conv_adjoint_is_the_transpose_of_the_operator(float64):
+    """W^T u (conv2d with the flipped kernel, channels swapped) is the adjoint of W v on one image:
+    <W v, u> = <v, W^T u>, and equal to conv_transpose2d, for both channel orders and kernel sizes."""
+    for c_in, c_out, k in [(2, 5, 3), (5, 2, 3), (3, 4, 5), (3, 4, 1)]:
+        conv = SpectralNormConv2d(c_in, c_out, k, (c_in, 6, 7), init_iters=0)
+        v, u = torch.randn(conv.v.numel()), torch.randn(conv.u.numel())
+        w = conv.weight.detach()
+        wv, wtu = conv._mv(w, v), conv._rmv(w, u)
+        assert wv.shape == u.shape and wtu.shape == v.shape
+        torch.testing.assert_close(torch.dot(wv, u), torch.dot(v, wtu))
+        if k > 1:
+            ref = torch.nn.functional.conv_transpose2d(u.reshape(1, c_out, 6, 7), w, padding=k // 2).reshape(-1)
+            torch.testing.assert_close(wtu, ref)
+
+
+def test_eval_sigma_reuses_vectors_that_passed_their_test_on_this_weight(float64, monkeypatch):
+    """After the trainer's power_iterate stopped on its test for the current weight, eval mode takes
+    sigma = u^T W v (what the next training forward uses) without another round; a changed weight,
+    changed vectors or an iteration cut off by max_iters are iterated in eval mode as before."""
+    def fresh(max_iters=500):
+        torch.manual_seed(0)
+        return SpectralNormConv2d(2, 3, 3, (2, 4, 4), coeff=0.5, atol=1e-4, rtol=1e-4, max_iters=max_iters, init_iters=0)
+
+    steps = []
+    real_step = SpectralNormBase._step_
+    monkeypatch.setattr(SpectralNormBase, "_step_", lambda self, *a: steps.append(1) or real_step(self, *a))
+    conv = fresh()
+    conv.power_iteration()
+    assert 1 < conv.last_iters < 500
+    conv.eval()
+    steps.clear()
+    with torch.no_grad():
+        sigma = conv._eval_sigma()
+        assert steps == []  # no eval round: the stored vectors passed their test on this weight
+        torch.testing.assert_close(sigma, conv.sigma())
+        conv.weight.mul_(1.5)  # an EMA swap / a loaded checkpoint: the vectors may lag
+        conv._eval_sigma()
+        assert len(steps) >= 1
+    # cut off by max_iters: not converged, so eval iterates (on local copies, buffers untouched)
+    capped = fresh(max_iters=2)
+    capped.power_iteration()
+    assert capped.last_iters == 2
+    u, v = capped.u.clone(), capped.v.clone()
+    capped.eval()
+    steps.clear()
+    with torch.no_grad():
+        capped._eval_sigma()
+    assert len(steps) >= 1 and torch.equal(capped.u, u) and torch.equal(capped.v, v)
+
+
 def test_lipschitz_constant_stays_below_coeff_after_training_steps():
     torch.manual_seed(0)
     model = tiny_resflow(coeff=0.98)
