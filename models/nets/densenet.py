@@ -5,6 +5,9 @@
                  (growth_d = remaining // (depth - d), so the channels grow evenly)
     DenseNet:    DenseBlock(c_in -> c_in + hidden) -> zero-initialised conv3x3 -> c_out
 
+``DenseNet.forward`` computes the block in one shared buffer (``models.nets.dense_block``):
+the same map, about half the saved activations, no concatenation copies.
+
 The last convolution starts at zero, so a new coupling is the identity and a new split
 prior outputs zeros.  IDF's CIFAR-10 networks: depth 12, hidden (total growth) 512.
 """
@@ -12,6 +15,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from models.nets.dense_block import shared_buffer_dense_block
 
 
 class DenseLayer(nn.Module):
@@ -21,6 +26,14 @@ class DenseLayer(nn.Module):
             nn.Conv2d(in_channels, in_channels, 1), nn.ReLU(),
             nn.Conv2d(in_channels, growth, 3, padding=1), nn.ReLU(),
         )
+
+    @property
+    def conv1(self) -> nn.Conv2d:
+        return self.net[0]
+
+    @property
+    def conv3(self) -> nn.Conv2d:
+        return self.net[2]
 
     def forward(self, x):
         return torch.cat([x, self.net(x)], dim=1)
@@ -50,4 +63,5 @@ class DenseNet(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x):
-        return self.out(self.block(x))
+        # the same map as self.block(x), layer by layer, in one buffer (models.nets.dense_block)
+        return self.out(shared_buffer_dense_block(x, self.block))
