@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from models.nets.formula_grad import differentiate, will_use
+from models.nets.narrow_conv2d import narrow_output_conv2d, use_narrow_output
 
 _conv_backward = torch.ops.aten.convolution_backward
 
@@ -112,7 +113,11 @@ class _WeightGradFn(torch.autograd.Function):
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, padding: int = 0) -> torch.Tensor:
     """F.conv2d(x, weight, bias, padding=padding) (stride 1, no dilation, one group), with the
     closed-form second derivatives of the module docstring.  Under autocast it is plain
-    F.conv2d: its backward would meet the autocast dtype (callers here run with autocast off)."""
+    F.conv2d: its backward would meet the autocast dtype (callers here run with autocast off).
+    Without autograd, a wide NHWC batch to a few output channels on the CPU goes through one
+    GEMM (``models.nets.narrow_conv2d``: the same numbers, faster than oneDNN there)."""
     if torch.is_autocast_enabled(x.device.type):
         return F.conv2d(x, weight, bias, padding=padding)
+    if not torch.is_grad_enabled() and use_narrow_output(x, weight, padding):  # sampling: models.nets.narrow_conv2d
+        return narrow_output_conv2d(x, weight, bias)
     return _Conv2dFn.apply(x, weight, bias, padding)
