@@ -73,7 +73,7 @@ class _SharedBufferDenseBlock(torch.autograd.Function):
         n_layers = len(ctx.growths)
         hidden, params = rest[:n_layers], rest[n_layers:]
         cd = ctx.compute_dtype
-        grad = grad_out.to(out.dtype).clone(memory_format=ctx.layout)  # dx_L, accumulated in place
+        grad = grad_out.to(out.dtype, copy=True, memory_format=ctx.layout)  # dx_L, accumulated in place
         param_grads: list[torch.Tensor | None] = [None] * len(params)
         c = out.shape[1]
         with torch.autocast(device_type=out.device.type, enabled=False):
