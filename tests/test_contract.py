@@ -27,6 +27,8 @@ with class labels, objective bnn: ``bnn``, a Bayesian classifier, not a Flow).  
   log p(x) lies above its ELBO on average;
 * in eval mode a seed reproduces ``log_prob`` (the VAE: ELBO) exactly (a second build from the
   same seed too), and without re-seeding it is the same number again exactly when the family is exact;
+* every tensor a model makes while it runs (loss, backward, hooks, eval density, sampling) follows
+  its inputs' device: run with torch's default device made ``meta``, which mixes with no real device;
 * the trainer's hooks (``data_init``, ``after_optimizer_step``, ``diagnostics_summary``,
   ``layer_stats``, ``find_nonfinite``) exist and run, and ``find_nonfinite`` names a NaN parameter;
 
@@ -497,6 +499,32 @@ def test_encode_decode_round_trip_is_exact(case, device, float64):
 
 def model_flow(case: str) -> str:
     return case_config(case)["model"]["flow"]
+
+
+# ---- device placement -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES)
+def test_no_tensor_is_made_on_the_default_device_while_the_model_runs(case, device):
+    """Every tensor a layer makes while it runs follows its inputs' device (``device=x.device``) or is
+    deliberately on the host (``device="cpu"``: a draw that steers Python control flow); one made
+    without a device lands on torch's default device and breaks the first run on a GPU.  The test
+    makes the default device ``meta``, which mixes with no real device (even a 0-dim tensor raises),
+    and runs the objective's loss and backward, the ``after_optimizer_step`` hook, the eval-mode
+    density and ``sample`` of a model built on ``device`` beforehand."""
+    model, data = tiny_model(case, device)
+    x = data.batch(4, device)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model.train()
+        loss, _ = data.loss(model, x)
+        loss.backward()
+        model.after_optimizer_step()
+        model.eval()
+        with torch.no_grad():
+            value = density(model, x)
+            samples = model.sample(2) if data.kind != "labelled" else None
+    assert value.device.type == device.type and loss.device.type == device.type
+    assert samples is None or samples.device.type == device.type
 
 
 # ---- the trainer's hooks ------------------------------------------------------------------------

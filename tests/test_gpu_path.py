@@ -10,6 +10,8 @@
 * no host synchronisation in the training step: the trainer's and the layers' code read no
   tensor on the host (``item``, ``bool``, ``float``, ``int``, ``tolist``, ``numpy``) during
   ``device_step``, and ``fit`` reads only at its log points;
+* no tensor is made on torch's default device in the training step (the default device made ``meta``,
+  which mixes with no real device: a tensor made without ``device=`` fails here, not on the first GPU);
 * a non-finite step (a NaN loss with finite gradients, a NaN gradient, an infinite gradient
   from a finite loss) changes nothing: weights, Adam's moments and step count, the EMA and
   the buffers keep their values bit for bit; a skipped first step leaves Adam as new;
@@ -34,7 +36,7 @@ from engine.objectives import BitsPerDim
 from engine.trainer import Trainer
 from models.nets.lipschitz import SpectralNormBase
 from tests.helpers import ROOT, SUBSET, random_images, resolve_overrides, run_command
-from tests.test_contract import DATA_SHAPE, TINY, tiny_model
+from tests.test_contract import DATA_KIND, DATA_SHAPE, TINY, tiny_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
@@ -263,6 +265,23 @@ def test_the_training_step_reads_nothing_on_the_host(tmp_path, family, host_read
     flags = [trainer.device_step(step)[1] for step in range(3)]
     assert seen == [], seen
     assert all(f.dtype == torch.bool and f.dim() == 0 for f in flags)
+
+
+@pytest.mark.parametrize("guard", ["mask", "host"])
+@pytest.mark.parametrize("family", [f for f in TINY if DATA_KIND[f] == "image"])
+def test_the_training_step_makes_no_tensor_on_the_default_device(tmp_path, family, guard):
+    """The whole step (objective, backward, clipping, the finite flag and its guard, the optimizer,
+    the EMA, the hooks) with torch's default device made ``meta``, which mixes with no real device:
+    a tensor made without ``device=`` raises here as it would break the first step on a GPU
+    (``tests/test_contract.py`` holds each model's own forward, backward and sampling to the same).
+    The batches are fetched first: the data layer builds its batches on the host on purpose."""
+    trainer = make_trainer(tmp_path, family, ["train.ema=0.9", "train.grad_clip=1.0"])
+    trainer.finite_guard = guard
+    batches = [trainer._batch(step) for step in range(2)]
+    trainer._batch = batches.__getitem__
+    with torch.device("meta"):
+        flags = [trainer.device_step(step)[1] for step in range(2)]
+    assert all(f.device.type == "cpu" and bool(f) for f in flags)
 
 
 def test_a_residual_flow_step_reads_once_per_power_iteration_round(tmp_path, host_reads):

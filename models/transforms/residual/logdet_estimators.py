@@ -56,11 +56,12 @@ def survival(dist: str, param: float, j: int) -> float:
 
 
 def sample_roulette(dist: str, param: float) -> int:
-    """One draw of N from torch's global RNG."""
+    """One draw of N from torch's global CPU RNG (N is host control flow: the number of terms to
+    evaluate, so it is drawn on the host whatever device the model runs on)."""
     if dist == "poisson":
-        return int(torch.poisson(torch.tensor([float(param)], dtype=torch.float64)).item())
+        return int(torch.poisson(torch.tensor([float(param)], dtype=torch.float64, device="cpu")).item())
     if dist == "geometric":
-        return int(torch.empty(1, dtype=torch.float64).geometric_(param).item())
+        return int(torch.empty(1, dtype=torch.float64, device="cpu").geometric_(param).item())
     raise ValueError(f"unknown roulette distribution {dist!r}; known: {DISTRIBUTIONS}")
 
 
