@@ -78,6 +78,13 @@ def rows_to_run(args) -> list[tuple[str, str, dict, list[str]]]:
     return out
 
 
+def row_config(raw: dict, overrides: list[str], mode: str, quick: bool = False) -> RunConfig:
+    """The resolved config of one row: the config with the row's overrides and the mode's
+    (``--quick``: Dynamo's tracing alone, backend eager, so the CPU test needs no C++ build)."""
+    extra = MODES[mode] + (["train.compile_backend=eager"] if quick and "compile" in mode else [])
+    return RunConfig.from_resolved(resolve(apply_overrides(raw, overrides + extra)))
+
+
 def run_suite(args) -> list[dict]:
     """One row per (config, mode); the modes without compilation run first for every config, so a
     spent --budget-s skips compiled rows before any other (rows are returned in table order)."""
@@ -86,15 +93,13 @@ def run_suite(args) -> list[dict]:
     order = sorted(args.modes, key=lambda m: "compile" in m)
     for mode in order:
         for label, family, raw, overrides in runs:
-            # --quick: Dynamo's tracing alone (backend eager), so the CPU test needs no C++ build
-            extra = MODES[mode] + (["train.compile_backend=eager"] if args.quick and "compile" in mode else [])
             row = {"family": family, "config": label, "mode": mode}
             if time.perf_counter() - started > args.budget_s:
                 rows.append({**row, "error": "skipped: --budget-s spent"})
                 continue
             try:
                 AcceleratorState._reset_state(reset_partial_state=True)  # each row its own mixed precision
-                cfg = RunConfig.from_resolved(resolve(apply_overrides(raw, overrides + extra)))
+                cfg = row_config(raw, overrides, mode, args.quick)
                 data = _random_data(cfg, max(cfg.train.batch_size, min(cfg.train.init_batch_size, 256)), args.quick)
                 r = measure(cfg, data, args.steps, args.warmup, args.sample_n)
                 rows.append({**row, "params": r["params"], "batch": cfg.train.batch_size, "img/s": r["train_img_per_s"],

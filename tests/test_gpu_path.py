@@ -15,10 +15,12 @@
 * a non-finite step (a NaN loss with finite gradients, a NaN gradient, an infinite gradient
   from a finite loss) changes nothing: weights, Adam's moments and step count, the EMA and
   the buffers keep their values bit for bit; a skipped first step leaves Adam as new;
-* ``benchmarks/gpu_suite.py --quick`` runs and prints its table.
+* ``benchmarks/gpu_suite.py --quick`` runs and prints its table, and every row of the full suite
+  (paper config x mode) resolves at its per-GPU batch and builds the paper config's model.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import subprocess
@@ -28,14 +30,17 @@ import tempfile
 import pytest
 import torch
 
+from benchmarks import gpu_suite
 from common.errors import FlowlabError
 from data import ImageDataset
 from engine.compile import compile_fallback, compile_forward, is_compiled, uncompile
+from engine.config import load_config
 from engine.metrics import bits_per_dim
 from engine.objectives import BitsPerDim
 from engine.trainer import Trainer
 from models.nets.lipschitz import SpectralNormBase
-from tests.helpers import ROOT, SUBSET, random_images, resolve_overrides, run_command
+from tests.helpers import (ROOT, SUBSET, data_shape, meta_parameter_count, random_images, resolve_overrides,
+                           run_command)
 from tests.test_contract import DATA_KIND, DATA_SHAPE, TINY, tiny_model
 
 
@@ -388,6 +393,29 @@ def test_fit_counts_a_skipped_step_between_log_points(tmp_path, capsys):
 
 
 # ---- the suite runs ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", list(gpu_suite.MODES))
+def test_every_row_of_the_gpu_suite_resolves_at_its_per_gpu_batch(mode):
+    """Every paper config the suite runs on a GPU, in every mode, resolves (a row that failed on a
+    config error would cost GPU minutes to find), at the paper's per-GPU batch with the mode's
+    precision, compile and layout settings, and builds (on the meta device) the paper config's
+    model, for the images the suite feeds it."""
+    runs = gpu_suite.rows_to_run(argparse.Namespace(quick=False, configs=gpu_suite.PAPER_CONFIGS))
+    assert [label for label, *_ in runs] == gpu_suite.PAPER_CONFIGS
+    for label, family, raw, overrides in runs:
+        paper = load_config(os.path.join(ROOT, "experiments", f"{label}.yaml"))
+        cfg = gpu_suite.row_config(raw, overrides, mode)
+        assert cfg.model["name"] == family
+        assert cfg.train.batch_size * gpu_suite.PAPER_GPUS.get(label, 1) == paper["train"]["batch_size"], label
+        assert cfg.train.mixed_precision == ("no" if mode == "fp32" else "bf16"), label
+        assert cfg.train.compile == ("default" if "compile" in mode else paper["train"]["compile"]), label
+        if "channels_last" in mode:
+            assert cfg.train.memory_format == "channels_last", label
+        resolved = cfg.to_dict()
+        shape = tuple(gpu_suite._random_data(cfg, 1, quick=False).train.shape[1:])
+        assert shape == data_shape(paper), label
+        assert meta_parameter_count(resolved, shape) == meta_parameter_count(paper, shape), label
+
 
 def test_gpu_suite_quick_prints_one_table():
     with tempfile.TemporaryDirectory():
