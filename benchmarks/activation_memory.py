@@ -28,6 +28,9 @@ import sys
 import tempfile
 import time
 
+if __package__ in (None, ""):  # run as a file: this checkout first (an editable install may point at another)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import torch
 
 from benchmarks.throughput import get_data, sync

@@ -11,7 +11,11 @@ speeds are images per second on this machine's CPU (float64 model, one process).
 import argparse
 import json
 import os
+import sys
 import time
+
+if __package__ in (None, ""):  # run as a file: this checkout first (an editable install may point at another)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -19,6 +19,10 @@ A uniform model is log2 4 = 2 bits/dim.  (Tran et al. 2019, arXiv:1905.10347; Ho
 """
 import argparse
 import os
+import sys
+
+if __package__ in (None, ""):  # run as a file: this checkout first (an editable install may point at another)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.equal_budget import evaluate, train_fresh
 

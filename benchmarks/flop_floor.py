@@ -31,9 +31,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import tempfile
 import time
+
+if __package__ in (None, ""):  # run as a file: this checkout first (an editable install may point at another)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -15,8 +15,12 @@ per batch and the MADE passes each direction needs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+
+if __package__ in (None, ""):  # run as a file: this checkout first (an editable install may point at another)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 

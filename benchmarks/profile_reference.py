@@ -19,6 +19,9 @@ import os
 import runpy
 import sys
 
+if __package__ in (None, ""):  # run as a file: this checkout first (an editable install may point at another)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import torch
 
 from benchmarks.profile_step import print_report, profile_callable

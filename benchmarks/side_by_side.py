@@ -27,6 +27,9 @@ import subprocess
 import sys
 import time
 
+if __package__ in (None, ""):  # run as a file: this checkout first (an editable install may point at another)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from benchmarks.equal_budget import ROOT
 from benchmarks.reference_race import FAMILIES
 from common.errors import FlowlabError

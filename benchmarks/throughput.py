@@ -26,12 +26,15 @@ Memory: CUDA -> torch.cuda.max_memory_allocated; CPU -> peak RSS of the whole pr
 """
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
 import tempfile
 import time
 
+if __package__ in (None, ""):  # run as a file: this checkout first (an editable install may point at another)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
