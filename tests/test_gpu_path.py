@@ -279,13 +279,16 @@ def test_the_training_step_makes_no_tensor_on_the_default_device(tmp_path, famil
     the EMA, the hooks) with torch's default device made ``meta``, which mixes with no real device:
     a tensor made without ``device=`` raises here as it would break the first step on a GPU
     (``tests/test_contract.py`` holds each model's own forward, backward and sampling to the same).
-    The batches are fetched first: the data layer builds its batches on the host on purpose."""
+    The batches are fetched first (the data layer builds its batches on the host on purpose), and
+    one step runs before (torch's optimizers make their step counts on the host, on purpose, at
+    their first step: torch 2.11's Adam with ``torch.tensor(0.0)``)."""
     trainer = make_trainer(tmp_path, family, ["train.ema=0.9", "train.grad_clip=1.0"])
     trainer.finite_guard = guard
-    batches = [trainer._batch(step) for step in range(2)]
+    batches = [trainer._batch(step) for step in range(3)]
     trainer._batch = batches.__getitem__
+    trainer.device_step(0)
     with torch.device("meta"):
-        flags = [trainer.device_step(step)[1] for step in range(2)]
+        flags = [trainer.device_step(step)[1] for step in (1, 2)]
     assert all(f.device.type == "cpu" and bool(f) for f in flags)
 
 

@@ -32,6 +32,8 @@ class _Masked(torch.autograd.Function):
     def forward(ctx, x, drop, scale):
         ctx.save_for_backward(drop)
         ctx.scale = scale
+        if torch.compiler.is_compiling():  # torch 2.11's compiled backward of the in-place fill is zero
+            return x.mul(scale).masked_fill(drop, 0)
         return x.mul(scale).masked_fill_(drop, 0)
 
     @staticmethod

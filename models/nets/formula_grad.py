@@ -100,7 +100,11 @@ def will_use(ctx) -> list[bool]:
     raises): a leaf counts as needed there.  ``conv2d.py`` asks in every backward: the power
     series' vector-Jacobian products (``autograd.grad(g, x, w)`` without create_graph) would
     otherwise compute every weight gradient too (a Residual Flow forward at batch 8: 12.2 s
-    without asking, 8.6 s with; the question costs a few microseconds)."""
+    without asking, 8.6 s with; the question costs a few microseconds).  While Dynamo traces the
+    backward (``train.compile``) there is no graph to ask (torch 2.11's Dynamo raises on
+    ``ctx.next_functions``): every input that requires grad counts as needed (more work, the same values)."""
+    if torch.compiler.is_compiling():
+        return [bool(need) for need in ctx.needs_input_grad]
     used = [bool(need) and node is not None and _will_run(node)
             for need, (node, _) in zip(ctx.needs_input_grad, ctx.next_functions)]
     return used + [False] * (len(ctx.needs_input_grad) - len(used))  # no edge for a trailing None (bias)

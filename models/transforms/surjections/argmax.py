@@ -52,7 +52,9 @@ class OneHotEncoding:
         is_x = self.features(x, torch.bool)
         top = v.gather(2, x.unsqueeze(2))
         gap = top - v
-        below = torch.minimum(top - F.softplus(gap), torch.nextafter(top, torch.full_like(top, -math.inf)))
+        # the largest float below top, with d/dtop = 1 written out (torch < 2.15 has no derivative of nextafter)
+        under_top = top + (torch.nextafter(top.detach(), torch.full_like(top, -math.inf)) - top.detach())
+        below = torch.minimum(top - F.softplus(gap), under_top)
         z = torch.where(is_x, top, below)
         return z, sum_except_batch(torch.where(is_x, 0.0, F.logsigmoid(gap)))
 
