@@ -28,10 +28,9 @@ import os
 import sys
 import time
 
-if __package__ in (None, ""):  # run as a file: this checkout first (an editable install may point at another)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __package__ in (None, ""):  # run as a file: this checkout first (an editable install may point at another)
+    sys.path.insert(0, ROOT)
 FIELDS = {"Rss": "rss", "Pss": "pss", "Private_Clean": "private_clean", "Private_Dirty": "private_dirty",
           "Anonymous": "anonymous"}
 

@@ -18,10 +18,9 @@ import resource
 import subprocess
 import sys
 
-if __package__ in (None, ""):  # run as a file: this checkout first (an editable install may point at another)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __package__ in (None, ""):  # run as a file: this checkout first (an editable install may point at another)
+    sys.path.insert(0, ROOT)
 MODES = {"series": (False, False), "neumann": (True, False), "mem_eff": (True, True)}
 
 
